@@ -1,0 +1,33 @@
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+
+def run(*args):
+    return subprocess.run([sys.executable, "-m", "wsiseg.cli", *args], capture_output=True, text=True, timeout=120)
+
+
+def test_info_plans_grid(slides_dir):
+    proc = run("info", str(slides_dir / "CMU-1-Small-Region.svs"), "--model-mpp", "0.25", "--json")
+    assert proc.returncode == 0, proc.stderr
+    info = json.loads(proc.stdout)
+    assert info["dimensions"] == [2220, 2967] and info["mpp"] == 0.499
+    plan = info["plan"]
+    assert plan["resize_factor"] > 1.9 and plan["tiles"] > 0
+    assert plan["tissue_area_mm2"] > 0.3
+
+
+def test_info_text_and_missing_mpp(slides_dir):
+    proc = run("info", str(slides_dir / "TCGA-CR-7395-01A-01-TS1.svs"))
+    assert proc.returncode == 0
+    assert "pass --mpp" in proc.stdout
+    proc = run("info", str(slides_dir / "TCGA-CR-7395-01A-01-TS1.svs"), "--mpp", "1.0")
+    assert "tiles" in proc.stdout and "mm²" in proc.stdout
+
+
+def test_info_damaged_file_exit_code(slides_dir):
+    proc = run("info", str(slides_dir / "broken.svs"))
+    assert proc.returncode == 2
+    assert "broken.svs" in proc.stderr and "Traceback" not in proc.stderr
