@@ -21,6 +21,7 @@ import numpy as np
 # not the scanner's pixel size.
 PLAUSIBLE_MPP = (0.02, 50.0)
 
+TIFF_FIRST_SUFFIXES = {".svs", ".tif", ".tiff"}
 PLAIN_IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
 
 
@@ -217,6 +218,8 @@ def composite_on_white(arr: np.ndarray) -> np.ndarray:
     if arr.shape[2] == 3:
         return np.ascontiguousarray(arr)
     if arr.shape[2] == 4:
+        if arr[:, :, 3].min() == 255:
+            return np.ascontiguousarray(arr[:, :, :3])
         a = arr[:, :, 3:4].astype(np.uint16)
         rgb = arr[:, :, :3].astype(np.uint16)
         # OpenSlide returns premultiplied-free RGBA; blend over white.
@@ -279,9 +282,17 @@ class OpenSlideSlide(Slide):
 
 
 class TiffSlideSlide(Slide):
-    """TIFF-based slides read by tiffslide (tifffile + imagecodecs)."""
+    """TIFF-based slides (SVS, generic pyramidal TIFF) read with tiffslide's metadata.
+
+    Regions of tiled, interleaved RGB(A) levels are assembled from the file's
+    own tiles, decoded by imagecodecs in the calling thread and kept in a
+    shared LRU cache of ``cache_bytes``, so overlapping tiles decode each
+    file tile once and reads scale across threads. Other layouts go through
+    tiffslide.
+    """
 
     backend_name = "tiffslide"
+    cache_bytes = 256 * 2**20
 
     def _open_handle(self) -> Any:
         import tiffslide
@@ -291,6 +302,7 @@ class TiffSlideSlide(Slide):
     def _read_properties(self) -> SlideProperties:
         h = self.handle
         p = {k: str(v) for k, v in h.properties.items() if v is not None}
+        self._init_direct(h)
         return SlideProperties(
             path=self.path,
             backend=self.backend_name,
@@ -304,26 +316,97 @@ class TiffSlideSlide(Slide):
             raw=p,
         )
 
+    def _init_direct(self, h: Any) -> None:
+        from collections import OrderedDict
+
+        self._cache: OrderedDict = OrderedDict()
+        self._cache_size = 0
+        self._cache_lock = threading.Lock()
+        self._fd: int | None = None
+        self._pages: list[Any] = []
+        try:
+            series = h.ts_tifffile.series[int(h.properties["tiffslide.series-index"])]
+            for lvl in series.levels:
+                page = lvl[0] if len(lvl) == 1 else None
+                ok = (
+                    page is not None
+                    and getattr(page, "is_tiled", False)
+                    and page.planarconfig == 1
+                    and page.samplesperpixel in (3, 4)
+                    and page.bitspersample == 8
+                    and len(page.shape) == 3
+                )
+                self._pages.append(page if ok else None)
+            self._fd = os.open(self.path, os.O_RDONLY)
+        except Exception:
+            self._pages = []
+
     def _read_rgba(self, location, level, size) -> np.ndarray:
-        # tiffslide pads out-of-slide pixels with black; read the inside and pad white.
         ds = self.level_downsamples[level]
         lw, lh = self.level_dimensions[level]
-        x, y = location[0] / ds, location[1] / ds
+        x, y = int(round(location[0] / ds)), int(round(location[1] / ds))
         w, h = size
-        x0, y0 = max(0, int(round(x))), max(0, int(round(y)))
-        x1, y1 = min(lw, int(round(x)) + w), min(lh, int(round(y)) + h)
         out = np.full((h, w, 3), 255, np.uint8)
+        x0, y0, x1, y1 = max(0, x), max(0, y), min(lw, x + w), min(lh, y + h)
         if x1 <= x0 or y1 <= y0:
             return out
+        page = self._pages[level] if level < len(self._pages) else None
+        if page is not None and self._fd is not None:
+            self._assemble(page, level, x0, y0, x1, y1, out[y0 - y : y1 - y, x0 - x : x1 - x])
+            return out
+        # tiffslide pads out-of-slide pixels with black; read the inside and pad white.
         inside = composite_on_white(
             self.handle.read_region((int(round(x0 * ds)), int(round(y0 * ds))), level, (x1 - x0, y1 - y0), as_array=True)
         )
-        ox, oy = x0 - int(round(x)), y0 - int(round(y))
-        out[oy : oy + inside.shape[0], ox : ox + inside.shape[1]] = inside
+        out[y0 - y : y1 - y, x0 - x : x1 - x] = inside
         return out
+
+    def _assemble(self, page: Any, level: int, x0: int, y0: int, x1: int, y1: int, dst: np.ndarray) -> None:
+        tw, th = page.tilewidth, page.tilelength
+        ncols = (page.shape[1] + tw - 1) // tw
+        for ty in range(y0 // th, (y1 - 1) // th + 1):
+            for tx in range(x0 // tw, (x1 - 1) // tw + 1):
+                tile = self._tile(page, level, ty * ncols + tx)
+                ox, oy = tx * tw, ty * th
+                sx0, sy0 = max(x0, ox), max(y0, oy)
+                sx1, sy1 = min(x1, ox + tw), min(y1, oy + th)
+                dst[sy0 - y0 : sy1 - y0, sx0 - x0 : sx1 - x0] = composite_on_white(
+                    tile[sy0 - oy : sy1 - oy, sx0 - ox : sx1 - ox]
+                )
+
+    def _tile(self, page: Any, level: int, index: int) -> np.ndarray:
+        key = (level, index)
+        with self._cache_lock:
+            hit = self._cache.get(key)
+            if hit is not None:
+                self._cache.move_to_end(key)
+                return hit
+        nbytes = page.databytecounts[index]
+        if nbytes == 0:  # sparse tile
+            arr = np.full((page.tilelength, page.tilewidth, 3), 255, np.uint8)
+        else:
+            data = os.pread(self._fd, nbytes, page.dataoffsets[index])
+            arr = page.decode(data, index, jpegtables=page.jpegtables)[0]
+            if arr is None:
+                raise ValueError(f"tile {index} of level {level} could not be decoded")
+            arr = arr.reshape(arr.shape[-3:])
+        with self._cache_lock:
+            if key not in self._cache:
+                self._cache[key] = arr
+                self._cache_size += arr.nbytes
+                while self._cache_size > self.cache_bytes and len(self._cache) > 1:
+                    _, old = self._cache.popitem(last=False)
+                    self._cache_size -= old.nbytes
+        return arr
 
     def _associated(self, name: str) -> np.ndarray:
         return np.asarray(self.handle.associated_images[name])
+
+    def close(self) -> None:
+        if getattr(self, "_fd", None) is not None:
+            os.close(self._fd)
+            self._fd = None
+        super().close()
 
 
 class ImageSlide(Slide):
@@ -419,7 +502,9 @@ def open_slide(path: str | os.PathLike, mpp: float | None = None, backend: str =
     if os.path.getsize(path) == 0:
         raise SlideError(f"{path}: file is empty")
     if backend == "auto":
-        names = ["openslide", "tiffslide"]
+        # tiffslide's direct tile path is the faster reader for the TIFF family.
+        tiff_family = Path(path).suffix.lower() in TIFF_FIRST_SUFFIXES
+        names = ["tiffslide", "openslide"] if tiff_family else ["openslide", "tiffslide"]
         if Path(path).suffix.lower() in PLAIN_IMAGE_SUFFIXES:
             names.append("image")
     elif backend in BACKENDS:
