@@ -7,7 +7,11 @@ import json
 import sys
 from collections.abc import Sequence
 
+from pathlib import Path
+
+from .model import ModelLoadError
 from .slide import SlideError, open_slide
+from .stitching import NucleusTooLargeError
 
 DEFAULT_MODEL_MPP = 0.5
 DEFAULT_TILE = 512
@@ -96,6 +100,42 @@ def _print_info(info: dict) -> None:
     print(f"tissue           {plan['tissue_area_mm2']:.3f} mm² ({plan['tissue_source']})")
 
 
+def default_model_path() -> str | None:
+    from importlib.resources import files
+
+    p = files("wsiseg") / "models" / "default.safetensors"
+    return str(p) if p.is_file() else None
+
+
+def cmd_segment(args: argparse.Namespace) -> int:
+    from .inference import load_predictor
+    from .pipeline import SegmentOptions, segment_slide
+
+    model = args.model or default_model_path()
+    if model is None:
+        raise ValueError("no default model is bundled with this installation yet; "
+                         "pass --model PATH.safetensors, or --model threshold for the classical baseline")
+    predictor = load_predictor(model, device=args.device, precision=args.precision,
+                               score_threshold=args.score_threshold)
+    tissue = args.region or ("whole" if args.whole_slide else "detect")
+    opts = SegmentOptions(
+        mpp=args.mpp, backend=args.backend, tissue=tissue, tile_size=args.tile_size, overlap=args.overlap,
+        batch_size=args.batch_size, workers=args.workers, prefetch=args.prefetch, on_oversize=args.on_oversize,
+        geojson=args.geojson, table=args.table, zarr=not args.no_zarr, progress=not args.quiet,
+        overwrite=args.overwrite,
+    )
+    out = args.out or str(Path(args.slide).stem) + "-wsiseg"
+    summary = segment_slide(args.slide, predictor, out, opts)
+    t = summary["timings_s"]
+    print(f"{summary['nuclei']} nuclei in {summary['tiles']} tiles, {summary['tissue_area_mm2']:.3f} mm² tissue "
+          f"({summary['nuclei_per_mm2']} /mm²) in {summary['wall_s']:.1f} s "
+          f"[forward {t.get('forward', 0):.1f} s, read wait {t.get('read_wait', 0):.1f} s]")
+    for k, v in summary["outputs"].items():
+        print(f"  {k:<8} {v}")
+    print(f"  summary  {Path(out) / 'summary.json'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="wsiseg", description="Nucleus segmentation for H&E whole-slide images")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -107,6 +147,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overlap", type=int, default=DEFAULT_OVERLAP)
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("segment", help="segment and classify the nuclei of a slide")
+    _add_slide_args(p)
+    p.add_argument("--model", default=None, help="model .safetensors (default: the bundled model), or 'threshold'")
+    p.add_argument("--out", default=None, help="output folder (default: <slide>-wsiseg)")
+    p.add_argument("--tile-size", type=int, default=None, help="tile size in model pixels (default: model card)")
+    p.add_argument("--overlap", type=int, default=None, help="tile overlap in model pixels (default: model card)")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--workers", type=int, default=2, help="tile reader threads")
+    p.add_argument("--prefetch", type=int, default=8, help="tiles read ahead of the model")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    p.add_argument("--score-threshold", type=float, default=None)
+    p.add_argument("--on-oversize", default="error", choices=["error", "drop"],
+                   help="what to do with a nucleus wider than the overlap allows")
+    p.add_argument("--geojson", default="geojson.gz", choices=["geojson", "geojson.gz", "none"])
+    p.add_argument("--table", default="parquet", choices=["parquet", "csv"])
+    p.add_argument("--no-zarr", action="store_true", help="skip the OME-Zarr label images")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_segment)
     return parser
 
 
@@ -115,7 +176,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (SlideError, ValueError, FileNotFoundError) as exc:
+    except (SlideError, ValueError, FileNotFoundError, FileExistsError, ModelLoadError, NucleusTooLargeError) as exc:
         print(f"wsiseg: error: {exc}", file=sys.stderr)
         return 2
 

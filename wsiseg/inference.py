@@ -1,0 +1,280 @@
+"""Batched nucleus prediction on tiles.
+
+All device decisions live in :func:`select_device`: CUDA with AMP, pinned
+host memory and non-blocking copies when a GPU is present; CPU with bf16
+autocast and channels_last otherwise.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from .model import ModelCard
+
+
+@dataclass(frozen=True)
+class DeviceConfig:
+    device: torch.device
+    autocast_dtype: torch.dtype | None
+    channels_last: bool
+    pin_memory: bool
+
+    def autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
+
+
+def select_device(name: str = "auto", precision: str = "auto") -> DeviceConfig:
+    """Where and how the model runs.
+
+    ``name``: auto, cpu, cuda or cuda:N. ``precision``: auto (fp16 AMP on CUDA,
+    bf16 autocast on CPU), fp32, bf16 or fp16.
+    """
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device {name!r} requested but CUDA is not available on this machine")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"unsupported device {name!r} (cpu, cuda, cuda:N)")
+    dtypes = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+    if precision == "auto":
+        dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+    elif precision in dtypes:
+        dtype = dtypes[precision]
+    else:
+        raise ValueError(f"unknown precision {precision!r} (auto, fp32, bf16, fp16)")
+    if device.type == "cpu" and dtype is torch.float16:
+        raise ValueError("fp16 autocast is for CUDA; use bf16 or fp32 on the CPU")
+    return DeviceConfig(
+        device=device,
+        autocast_dtype=dtype,
+        channels_last=device.type == "cpu",
+        pin_memory=device.type == "cuda",
+    )
+
+
+@dataclass
+class TileDetections:
+    """Nuclei found in one tile, in tile pixel coordinates.
+
+    ``masks[i]`` is a boolean crop covering ``boxes[i]`` (x0, y0, x1, y1,
+    integer, half-open). ``labels`` are 0-based class indices into the model
+    card's classes.
+    """
+
+    boxes: np.ndarray  # (n, 4) int32
+    scores: np.ndarray  # (n,) float32
+    labels: np.ndarray  # (n,) int32
+    masks: list[np.ndarray]
+
+    def __len__(self) -> int:
+        return len(self.scores)
+
+    @classmethod
+    def empty(cls) -> "TileDetections":
+        return cls(np.zeros((0, 4), np.int32), np.zeros(0, np.float32), np.zeros(0, np.int32), [])
+
+
+class Predictor(Protocol):
+    card: ModelCard
+
+    def predict(self, tiles: np.ndarray) -> list[TileDetections]:
+        """Detections for a batch of RGB uint8 tiles (n, h, w, 3)."""
+        ...
+
+
+def paste_masks(mask_probs: np.ndarray, boxes: np.ndarray, size: tuple[int, int], threshold: float = 0.5):
+    """Resize each M x M mask probability map into its box; returns integer boxes and boolean crops.
+
+    Boxes are clipped to the tile; masks are thresholded at ``threshold``.
+    """
+    import cv2
+
+    h, w = size
+    out_boxes, out_masks = [], []
+    for prob, (x0, y0, x1, y1) in zip(mask_probs, boxes):
+        bw, bh = max(x1 - x0, 1e-3), max(y1 - y0, 1e-3)
+        ix0, iy0 = max(0, int(np.floor(x0))), max(0, int(np.floor(y0)))
+        ix1, iy1 = min(w, int(np.ceil(x1))), min(h, int(np.ceil(y1)))
+        if ix1 <= ix0 or iy1 <= iy0:
+            out_boxes.append((0, 0, 0, 0))
+            out_masks.append(np.zeros((0, 0), bool))
+            continue
+        m = prob.shape[0]
+        # map crop pixel centres into mask-grid coordinates
+        sx, sy = m / bw, m / bh
+        mat = np.array([[sx, 0, (ix0 + 0.5 - x0) * sx - 0.5], [0, sy, (iy0 + 0.5 - y0) * sy - 0.5]], np.float64)
+        crop = cv2.warpAffine(prob.astype(np.float32), mat, (ix1 - ix0, iy1 - iy0), flags=cv2.INTER_LINEAR,
+                              borderMode=cv2.BORDER_CONSTANT, borderValue=0.0)
+        out_boxes.append((ix0, iy0, ix1, iy1))
+        out_masks.append(crop >= threshold)
+    return np.asarray(out_boxes, np.int32).reshape(-1, 4), out_masks
+
+
+def resolve_overlaps(det: TileDetections, min_area: int = 4) -> TileDetections:
+    """Give every pixel to the highest-scoring nucleus that claims it; keep each nucleus's largest part."""
+    import cv2
+
+    if len(det) == 0:
+        return det
+    order = np.argsort(-det.scores, kind="stable")
+    h = int(det.boxes[:, 3].max())
+    w = int(det.boxes[:, 2].max())
+    taken = np.zeros((max(h, 1), max(w, 1)), bool)
+    keep, boxes, masks = [], [], []
+    for i in order:
+        x0, y0, x1, y1 = det.boxes[i]
+        m = det.masks[i]
+        if m.size == 0:
+            continue
+        m = m & ~taken[y0:y1, x0:x1]
+        if m.sum() < min_area:
+            continue
+        n, cc, stats, _ = cv2.connectedComponentsWithStats(m.astype(np.uint8), connectivity=8)
+        if n > 2:
+            m = cc == 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
+            if m.sum() < min_area:
+                continue
+        ys, xs = np.nonzero(m)
+        bx0, by0, bx1, by1 = xs.min(), ys.min(), xs.max() + 1, ys.max() + 1
+        m = m[by0:by1, bx0:bx1]
+        taken[y0 + by0 : y0 + by1, x0 + bx0 : x0 + bx1] |= m
+        keep.append(i)
+        boxes.append((x0 + bx0, y0 + by0, x0 + bx1, y0 + by1))
+        masks.append(m)
+    if not keep:
+        return TileDetections.empty()
+    keep = np.asarray(keep)
+    return TileDetections(np.asarray(boxes, np.int32), det.scores[keep].astype(np.float32),
+                          det.labels[keep].astype(np.int32), masks)
+
+
+class MaskRCNNPredictor:
+    """Runs a torchvision Mask R-CNN on batches of tiles; masks stay as box-sized crops."""
+
+    def __init__(self, model: torch.nn.Module, card: ModelCard, device: DeviceConfig | None = None,
+                 score_threshold: float | None = None):
+        self.card = card
+        self.device = device or select_device()
+        self.score_threshold = card.score_threshold if score_threshold is None else score_threshold
+        model = model.eval().to(self.device.device)
+        if self.device.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        self.model = model
+
+    def to_tensor(self, tiles: np.ndarray) -> torch.Tensor:
+        x = torch.from_numpy(np.ascontiguousarray(tiles))
+        if self.device.pin_memory:
+            x = x.pin_memory()
+        x = x.to(self.device.device, non_blocking=self.device.pin_memory)
+        return x.permute(0, 3, 1, 2).float().div_(255.0)
+
+    @torch.inference_mode()
+    def forward(self, tiles: np.ndarray) -> list[dict[str, torch.Tensor]]:
+        """Boxes, scores, labels and M x M mask probabilities per tile (no full-size mask pasting)."""
+        m = self.model
+        x = self.to_tensor(tiles)
+        with self.device.autocast():
+            images, _ = m.transform(list(x))
+            if self.device.channels_last:
+                images.tensors = images.tensors.contiguous(memory_format=torch.channels_last)
+            features = m.backbone(images.tensors)
+            proposals, _ = m.rpn(images, features)
+            dets, _ = m.roi_heads(features, proposals, images.image_sizes)
+        out = []
+        for d, (ih, iw) in zip(dets, images.image_sizes):
+            sy, sx = tiles.shape[1] / ih, tiles.shape[2] / iw
+            boxes = d["boxes"].float() * torch.tensor([sx, sy, sx, sy], device=d["boxes"].device)
+            out.append({"boxes": boxes, "scores": d["scores"].float(), "labels": d["labels"],
+                        "masks": d["masks"].float()})
+        return out
+
+    def predict(self, tiles: np.ndarray) -> list[TileDetections]:
+        return self.postprocess(self.forward(tiles), tiles.shape[1:3])
+
+    def postprocess(self, raw: list[dict[str, torch.Tensor]], size: tuple[int, int]) -> list[TileDetections]:
+        """Thresholded, box-sized boolean masks with overlaps resolved, per tile."""
+        results = []
+        for d in raw:
+            keep = d["scores"] >= self.score_threshold
+            boxes = d["boxes"][keep].cpu().numpy()
+            scores = d["scores"][keep].cpu().numpy().astype(np.float32)
+            labels = (d["labels"][keep].cpu().numpy() - 1).astype(np.int32)
+            probs = d["masks"][keep][:, 0].cpu().numpy()
+            ib, masks = paste_masks(probs, boxes, size)
+            results.append(resolve_overlaps(TileDetections(ib, scores, labels, masks)))
+        return results
+
+
+class ThresholdPredictor:
+    """A classical baseline: hematoxylin optical density, a fixed threshold, connected components.
+
+    It has no learned weights and one class; it is deterministic and local, so
+    it also serves to check that tiling and stitching change nothing.
+    """
+
+    def __init__(self, card: ModelCard, min_area: int = 12, smooth: float = 1.0):
+        self.card = card
+        self.min_area = min_area
+        self.smooth = smooth
+
+    def predict(self, tiles: np.ndarray) -> list[TileDetections]:
+        return [self._one(t) for t in tiles]
+
+    def _one(self, tile: np.ndarray) -> TileDetections:
+        import cv2
+        from scipy import ndimage
+
+        od = -np.log(np.maximum(tile.astype(np.float32), 1.0) / 255.0)
+        # Ruifrok & Johnston hematoxylin vector
+        hema = od @ np.array([0.65, 0.70, 0.29], np.float32)
+        if self.smooth:
+            hema = cv2.GaussianBlur(hema, (0, 0), self.smooth)
+        fg = hema > 0.9
+        fg = ndimage.binary_opening(fg, iterations=1)
+        labels, n = ndimage.label(fg)
+        if n == 0:
+            return TileDetections.empty()
+        boxes, masks, scores = [], [], []
+        for i, sl in enumerate(ndimage.find_objects(labels), start=1):
+            if sl is None:
+                continue
+            m = labels[sl] == i
+            if m.sum() < self.min_area:
+                continue
+            boxes.append((sl[1].start, sl[0].start, sl[1].stop, sl[0].stop))
+            masks.append(m)
+            scores.append(min(1.0, float(hema[sl][m].mean()) / 2.0))
+        if not boxes:
+            return TileDetections.empty()
+        return TileDetections(np.asarray(boxes, np.int32), np.asarray(scores, np.float32),
+                              np.zeros(len(boxes), np.int32), masks)
+
+
+THRESHOLD_MODEL = "threshold"
+
+
+def threshold_card(mpp: float = 0.5, tile_size: int = 512, overlap: int = 64) -> ModelCard:
+    from .model import default_classes
+
+    return ModelCard(name="threshold-baseline", classes=default_classes(["nucleus"]), mpp=mpp,
+                     tile_size=tile_size, overlap=overlap, score_threshold=0.0,
+                     description="Classical baseline: hematoxylin threshold and connected components; no learning.")
+
+
+def load_predictor(model: str, device: str = "auto", precision: str = "auto",
+                   score_threshold: float | None = None) -> Predictor:
+    """A predictor from a model file (.safetensors) or the name ``threshold``."""
+    if model == THRESHOLD_MODEL:
+        return ThresholdPredictor(threshold_card())
+    from .model import load_model
+
+    net, card = load_model(model)
+    return MaskRCNNPredictor(net, card, select_device(device, precision), score_threshold)

@@ -1,0 +1,249 @@
+"""Mask R-CNN for nuclei: built from a plain config, saved as safetensors with its model card."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+DEFAULT_COLORS = [(220, 50, 50), (50, 160, 50), (40, 90, 220), (230, 160, 20), (150, 60, 200), (20, 180, 190)]
+
+
+@dataclass
+class NucleusClass:
+    name: str
+    color: tuple[int, int, int]
+
+
+@dataclass
+class ModelConfig:
+    """Architecture of a nucleus Mask R-CNN.
+
+    ``backbone``: resnet50, resnet34, resnet18 (FPN) or mobilenet_v3_large
+    (FPN); ``width`` scales a ResNet's channels down for tiny test models.
+    ``norm``: batchnorm or groupnorm (models train from scratch, so no
+    frozen BatchNorm). Anchors are sized for nuclei at the model's mpp.
+    """
+
+    backbone: str = "resnet50"
+    norm: str = "groupnorm"
+    num_classes: int = 1  # nucleus classes, background excluded
+    tile_size: int = 512
+    anchor_sizes: tuple[int, ...] = (8, 16, 32, 64, 128)
+    aspect_ratios: tuple[float, ...] = (0.5, 1.0, 2.0)
+    mask_roi_size: int = 14
+    fpn_channels: int = 256
+    width: int = 64  # ResNet stem width; 64 is the standard network
+    detections_per_tile: int = 1000
+    rpn_pre_nms_top_n_test: int = 3000
+    rpn_post_nms_top_n_test: int = 2000
+    rpn_pre_nms_top_n_train: int = 3000
+    rpn_post_nms_top_n_train: int = 2000
+    box_batch_size_per_image: int = 512
+    score_thresh: float = 0.05
+    nms_thresh: float = 0.4
+
+
+@dataclass
+class ModelCard:
+    """What a user needs to know to run a model and read its output."""
+
+    name: str
+    classes: list[NucleusClass]
+    mpp: float
+    tile_size: int
+    overlap: int
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    config: ModelConfig = field(default_factory=ModelConfig)
+    score_threshold: float = 0.5
+    description: str = ""
+    training: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    version: str = "1"
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelCard":
+        d = dict(d)
+        d["classes"] = [NucleusClass(c["name"], tuple(c["color"])) for c in d["classes"]]
+        cfg = dict(d.get("config", {}))
+        for k in ("anchor_sizes", "aspect_ratios"):
+            if k in cfg:
+                cfg[k] = tuple(cfg[k])
+        d["config"] = ModelConfig(**cfg)
+        for k in ("mean", "std"):
+            if k in d:
+                d[k] = tuple(d[k])
+        return cls(**d)
+
+    @property
+    def class_names(self) -> list[str]:
+        return [c.name for c in self.classes]
+
+
+def default_classes(names: list[str]) -> list[NucleusClass]:
+    return [NucleusClass(n, DEFAULT_COLORS[i % len(DEFAULT_COLORS)]) for i, n in enumerate(names)]
+
+
+def _norm_layer(kind: str):
+    if kind == "batchnorm":
+        return nn.BatchNorm2d
+    if kind == "groupnorm":
+        return lambda ch: nn.GroupNorm(_groups(ch), ch)
+    raise ValueError(f"unknown norm {kind!r} (batchnorm or groupnorm)")
+
+
+def _groups(ch: int) -> int:
+    for g in (32, 16, 8, 4, 2, 1):
+        if ch % g == 0:
+            return g
+    return 1
+
+
+def build_backbone(cfg: ModelConfig) -> nn.Module:
+    """An FPN backbone with randomly initialised weights (nothing is downloaded)."""
+    from torchvision.models import resnet
+    from torchvision.models.detection.backbone_utils import BackboneWithFPN, mobilenet_backbone
+    from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+
+    norm = _norm_layer(cfg.norm)
+    if cfg.backbone in ("resnet18", "resnet34", "resnet50"):
+        block, layers = {
+            "resnet18": (resnet.BasicBlock, [2, 2, 2, 2]),
+            "resnet34": (resnet.BasicBlock, [3, 4, 6, 3]),
+            "resnet50": (resnet.Bottleneck, [3, 4, 6, 3]),
+        }[cfg.backbone]
+        body = _narrow_resnet(block, layers, cfg.width, norm) if cfg.width != 64 else resnet.ResNet(block, layers, norm_layer=norm)
+        widths = [cfg.width * m * block.expansion for m in (1, 2, 4, 8)]
+        return BackboneWithFPN(
+            body,
+            return_layers={"layer1": "0", "layer2": "1", "layer3": "2", "layer4": "3"},
+            in_channels_list=widths,
+            out_channels=cfg.fpn_channels,
+            extra_blocks=LastLevelMaxPool(),
+            norm_layer=None,
+        )
+    if cfg.backbone == "mobilenet_v3_large":
+        bb = mobilenet_backbone(
+            backbone_name="mobilenet_v3_large", weights=None, fpn=True, norm_layer=partial(nn.BatchNorm2d, eps=1e-3),
+            trainable_layers=6, returned_layers=None,
+        )
+        return bb
+    raise ValueError(f"unknown backbone {cfg.backbone!r} (resnet50, resnet34, resnet18, mobilenet_v3_large)")
+
+
+def _narrow_resnet(block, layers, width, norm) -> nn.Module:
+    from torchvision.models import resnet
+
+    net = resnet.ResNet(block, layers, norm_layer=norm)
+    net.inplanes = width
+    net.conv1 = nn.Conv2d(3, width, kernel_size=7, stride=2, padding=3, bias=False)
+    net.bn1 = norm(width)
+    net.layer1 = net._make_layer(block, width, layers[0])
+    net.layer2 = net._make_layer(block, width * 2, layers[1], stride=2)
+    net.layer3 = net._make_layer(block, width * 4, layers[2], stride=2)
+    net.layer4 = net._make_layer(block, width * 8, layers[3], stride=2)
+    return net
+
+
+def build_model(cfg: ModelConfig, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)) -> nn.Module:
+    """torchvision Mask R-CNN for ``cfg.num_classes`` nucleus classes plus background."""
+    from torchvision.models.detection import MaskRCNN
+    from torchvision.models.detection.anchor_utils import AnchorGenerator
+    from torchvision.ops import MultiScaleRoIAlign
+
+    backbone = build_backbone(cfg)
+    n_maps = 5 if cfg.backbone.startswith("resnet") else 3
+    sizes = tuple(cfg.anchor_sizes)[:n_maps]
+    if len(sizes) < n_maps:
+        raise ValueError(f"{cfg.backbone} needs {n_maps} anchor sizes, got {len(sizes)}")
+    anchors = AnchorGenerator(sizes=tuple((s,) for s in sizes), aspect_ratios=(tuple(cfg.aspect_ratios),) * n_maps)
+    names = [str(i) for i in range(n_maps - 1)] if n_maps == 5 else ["0", "1"]
+    model = MaskRCNN(
+        backbone,
+        num_classes=cfg.num_classes + 1,
+        min_size=cfg.tile_size,
+        max_size=cfg.tile_size,
+        image_mean=list(mean),
+        image_std=list(std),
+        rpn_anchor_generator=anchors,
+        rpn_pre_nms_top_n_train=cfg.rpn_pre_nms_top_n_train,
+        rpn_post_nms_top_n_train=cfg.rpn_post_nms_top_n_train,
+        rpn_pre_nms_top_n_test=cfg.rpn_pre_nms_top_n_test,
+        rpn_post_nms_top_n_test=cfg.rpn_post_nms_top_n_test,
+        box_roi_pool=MultiScaleRoIAlign(featmap_names=names, output_size=7, sampling_ratio=2),
+        mask_roi_pool=MultiScaleRoIAlign(featmap_names=names, output_size=cfg.mask_roi_size, sampling_ratio=2),
+        box_detections_per_img=cfg.detections_per_tile,
+        box_batch_size_per_image=cfg.box_batch_size_per_image,
+        box_score_thresh=cfg.score_thresh,
+        box_nms_thresh=cfg.nms_thresh,
+    )
+    # Tiles arrive at the model's resolution: never rescale them.
+    model.transform.fixed_size = (cfg.tile_size, cfg.tile_size)
+    return model
+
+
+def save_model(model: nn.Module, card: ModelCard, path: str | os.PathLike, half: bool = False) -> Path:
+    """Write weights as safetensors with the card in its metadata, plus ``<name>.json`` beside it."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    if half:
+        state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
+    tmp = path.with_name(path.name + ".partial")
+    save_file(state, str(tmp), metadata={"wsiseg_card": card.to_json()})
+    os.replace(tmp, path)
+    card_path = path.with_suffix(".json")
+    card_path.write_text(card.to_json())
+    return path
+
+
+class ModelLoadError(Exception):
+    """A model file cannot be loaded; the message names the file."""
+
+
+def load_card(path: str | os.PathLike) -> ModelCard:
+    from safetensors import safe_open
+
+    path = str(path)
+    try:
+        with safe_open(path, framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception as exc:
+        raise ModelLoadError(f"{path}: not a safetensors model file ({exc})") from exc
+    if "wsiseg_card" not in meta:
+        raise ModelLoadError(f"{path}: safetensors file has no wsiseg model card in its metadata")
+    try:
+        return ModelCard.from_dict(json.loads(meta["wsiseg_card"]))
+    except Exception as exc:
+        raise ModelLoadError(f"{path}: invalid model card: {exc}") from exc
+
+
+def load_model(path: str | os.PathLike) -> tuple[nn.Module, ModelCard]:
+    """Build the model its card describes and load its weights; nothing is unpickled."""
+    from safetensors.torch import load_file
+
+    path = str(path)
+    if not os.path.exists(path):
+        raise ModelLoadError(f"{path}: no such model file")
+    card = load_card(path)
+    model = build_model(card.config, card.mean, card.std)
+    state = load_file(path)
+    own = model.state_dict()
+    state = {k: v.to(own[k].dtype) if k in own else v for k, v in state.items()}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ModelLoadError(f"{path}: weights do not match the card's architecture "
+                             f"(missing {missing[:3]}..., unexpected {unexpected[:3]}...)")
+    model.eval()
+    return model, card

@@ -1,0 +1,445 @@
+"""Streaming writers: OME-Zarr labels, QuPath GeoJSON, the per-nucleus table.
+
+Every writer writes to a temporary name and renames on ``close()``; a run
+that stops early leaves only ``*.partial`` names behind.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import io
+import json
+import math
+import os
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .model import ModelCard
+from .stitching import Nucleus
+from .tiling import Tile, TileGrid
+
+UUID_NAMESPACE = uuid.UUID("2f1b6a8e-8c1e-4f55-9a53-3c1f7b7d9e01")
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Maps model pixels to the slide's level-0 pixels and to microns."""
+
+    level0_per_model_px: float
+    model_mpp: float
+    slide_name: str
+
+    @property
+    def level0_mpp(self) -> float:
+        return self.model_mpp / self.level0_per_model_px
+
+
+def nucleus_uuid(slide_name: str, nucleus_id: int) -> str:
+    """A UUID that is the same for the same nucleus id of the same slide in every run."""
+    return str(uuid.uuid5(UUID_NAMESPACE, f"{slide_name}/{nucleus_id}"))
+
+
+def _partial(path: Path) -> Path:
+    return path.with_name(path.name + ".partial")
+
+
+def _finish(tmp: Path, final: Path) -> None:
+    if final.exists():
+        shutil.rmtree(final) if final.is_dir() else final.unlink()
+    os.replace(tmp, final)
+
+
+# --------------------------------------------------------------------- polygons
+def mask_polygon(mask: np.ndarray, x0: int, y0: int, scale: float) -> list[list[float]] | None:
+    """Closed outer ring of a boolean crop, in level-0 pixel-corner coordinates (y down), 2 decimals.
+
+    The ring runs through pixel-edge midpoints (marching squares at 0.5), so its
+    area is the pixel count less a small corner correction.
+    """
+    from shapely.geometry import Polygon
+    from shapely.geometry.polygon import orient
+    from skimage.measure import find_contours
+
+    padded = np.pad(mask.astype(np.float32), 1)
+    contours = find_contours(padded, 0.5)
+    if not contours:
+        return None
+    c = max(contours, key=len)
+    # (row, col) in padded index space -> pixel-corner coordinates
+    xs = (c[:, 1] - 1 + 0.5 + x0) * scale
+    ys = (c[:, 0] - 1 + 0.5 + y0) * scale
+    poly = Polygon(np.round(np.column_stack([xs, ys]), 2))
+    if not poly.is_valid:
+        poly = poly.buffer(0)
+        if poly.geom_type == "MultiPolygon":
+            poly = max(poly.geoms, key=lambda p: p.area)
+    if poly.is_empty or poly.area <= 0 or poly.geom_type != "Polygon":
+        return None
+    poly = orient(poly, sign=1.0)
+    coords = [[round(float(x), 2), round(float(y), 2)] for x, y in poly.exterior.coords]
+    if len(coords) < 4:
+        return None
+    if coords[0] != coords[-1]:
+        coords.append(coords[0])
+    return coords
+
+
+def nucleus_record(n: Nucleus, geom: Geometry, card: ModelCard) -> dict:
+    """The table row of a nucleus: ids, centroid in level-0 px and µm, area, class and score."""
+    f = geom.level0_per_model_px
+    cx, cy = n.centroid[0] * f, n.centroid[1] * f
+    cls = card.classes[n.label] if 0 <= n.label < len(card.classes) else None
+    return {
+        "id": n.id,
+        "uuid": nucleus_uuid(geom.slide_name, n.id),
+        "centroid_x_px": round(cx, 2),
+        "centroid_y_px": round(cy, 2),
+        "centroid_x_um": round(cx * geom.level0_mpp, 3),
+        "centroid_y_um": round(cy * geom.level0_mpp, 3),
+        "area_um2": round(n.area * geom.model_mpp**2, 3),
+        "class_id": n.label + 1,
+        "class_name": cls.name if cls else "unknown",
+        "score": round(float(n.score), 4),
+        "bbox_x0_px": round(n.box[0] * f, 2),
+        "bbox_y0_px": round(n.box[1] * f, 2),
+        "bbox_x1_px": round(n.box[2] * f, 2),
+        "bbox_y1_px": round(n.box[3] * f, 2),
+    }
+
+
+# ---------------------------------------------------------------------- GeoJSON
+class GeoJSONWriter:
+    """A QuPath-readable FeatureCollection of detections, written one feature at a time."""
+
+    def __init__(self, path: str | os.PathLike, geom: Geometry, card: ModelCard):
+        self.path = Path(path)
+        self.tmp = _partial(self.path)
+        self.geom, self.card = geom, card
+        raw = open(self.tmp, "wb")
+        self._raw = raw
+        self._gz = gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=6, mtime=0) if self.path.suffix == ".gz" else None
+        self._f = io.TextIOWrapper(self._gz or raw, encoding="utf-8")
+        self._f.write('{"type":"FeatureCollection","features":[\n')
+        self.count = 0
+
+    def write(self, n: Nucleus, record: dict) -> None:
+        coords = mask_polygon(n.mask, n.box[0], n.box[1], self.geom.level0_per_model_px)
+        if coords is None:
+            return
+        cls = self.card.classes[n.label] if 0 <= n.label < len(self.card.classes) else None
+        measurements = {
+            "nucleus_id": n.id,
+            "score": record["score"],
+            "area_um2": record["area_um2"],
+            "centroid_x_um": record["centroid_x_um"],
+            "centroid_y_um": record["centroid_y_um"],
+        }
+        measurements = {k: v for k, v in measurements.items() if isinstance(v, (int, float)) and math.isfinite(v)}
+        feature = {
+            "type": "Feature",
+            "id": record["uuid"],
+            "geometry": {"type": "Polygon", "coordinates": [coords]},
+            "properties": {
+                "objectType": "detection",
+                "classification": {
+                    "name": cls.name if cls else "unknown",
+                    "color": list(cls.color) if cls else [128, 128, 128],
+                },
+                "measurements": measurements,
+            },
+        }
+        if self.count:
+            self._f.write(",\n")
+        self._f.write(json.dumps(feature, separators=(",", ":")))
+        self.count += 1
+
+    def close(self) -> Path:
+        self._f.write("\n]}\n")
+        self._f.flush()
+        self._f.detach()
+        if self._gz is not None:
+            self._gz.close()
+        self._raw.close()
+        _finish(self.tmp, self.path)
+        return self.path
+
+    def abort(self) -> None:
+        try:
+            self._raw.close()
+        finally:
+            self.tmp.unlink(missing_ok=True)
+
+
+# ------------------------------------------------------------------------ table
+TABLE_COLUMNS = ["id", "uuid", "centroid_x_px", "centroid_y_px", "centroid_x_um", "centroid_y_um", "area_um2",
+                 "class_id", "class_name", "score", "bbox_x0_px", "bbox_y0_px", "bbox_x1_px", "bbox_y1_px"]
+
+
+class TableWriter:
+    """The per-nucleus table as Parquet (row groups of ``batch`` rows) or CSV, by file suffix."""
+
+    def __init__(self, path: str | os.PathLike, batch: int = 50_000):
+        self.path = Path(path)
+        self.tmp = _partial(self.path)
+        self.batch = batch
+        self.rows: list[dict] = []
+        self.count = 0
+        self.kind = "csv" if self.path.suffix == ".csv" else "parquet"
+        self._writer = None
+        if self.kind == "csv":
+            self._fh = open(self.tmp, "w", newline="", encoding="utf-8")
+            self._csv = csv.DictWriter(self._fh, fieldnames=TABLE_COLUMNS, extrasaction="ignore")
+            self._csv.writeheader()
+
+    def _schema(self):
+        import pyarrow as pa
+
+        return pa.schema([
+            ("id", pa.uint32()), ("uuid", pa.string()),
+            ("centroid_x_px", pa.float64()), ("centroid_y_px", pa.float64()),
+            ("centroid_x_um", pa.float64()), ("centroid_y_um", pa.float64()),
+            ("area_um2", pa.float64()), ("class_id", pa.int16()), ("class_name", pa.string()),
+            ("score", pa.float32()), ("bbox_x0_px", pa.float64()), ("bbox_y0_px", pa.float64()),
+            ("bbox_x1_px", pa.float64()), ("bbox_y1_px", pa.float64()),
+        ])
+
+    def write(self, record: dict) -> None:
+        self.rows.append(record)
+        self.count += 1
+        if len(self.rows) >= self.batch:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self.kind == "csv":
+            self._csv.writerows(self.rows)
+        else:
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            if self._writer is None:
+                self._writer = pq.ParquetWriter(self.tmp, self._schema(), compression="zstd")
+            if self.rows:
+                self._writer.write_table(pa.Table.from_pylist(self.rows, schema=self._schema()))
+        self.rows = []
+
+    def close(self) -> Path:
+        self._flush()
+        if self.kind == "csv":
+            self._fh.close()
+        else:
+            if self._writer is None:  # no nuclei: still a valid, empty table
+                import pyarrow.parquet as pq
+
+                self._writer = pq.ParquetWriter(self.tmp, self._schema(), compression="zstd")
+            self._writer.close()
+        _finish(self.tmp, self.path)
+        return self.path
+
+    def abort(self) -> None:
+        try:
+            if self.kind == "csv":
+                self._fh.close()
+            elif self._writer is not None:
+                self._writer.close()
+        finally:
+            self.tmp.unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------------- OME-Zarr
+def _axes(unit: str = "micrometer") -> list[dict]:
+    return [{"name": "c", "type": "channel"}, {"name": "y", "type": "space", "unit": unit},
+            {"name": "x", "type": "space", "unit": unit}]
+
+
+def _multiscales(name: str, n_levels: int, mpp: float, base_factor: int = 1, method: str = "") -> list[dict]:
+    datasets = [
+        {"path": str(i), "coordinateTransformations": [
+            {"type": "scale", "scale": [1.0, mpp * base_factor * 2**i, mpp * base_factor * 2**i]}]}
+        for i in range(n_levels)
+    ]
+    ms = {"name": name, "axes": _axes(), "datasets": datasets}
+    if method:
+        ms["type"] = method
+    return [ms]
+
+
+def _n_levels(h: int, w: int, min_size: int = 512) -> int:
+    n = 1
+    while max(h, w) / 2**n >= min_size:
+        n += 1
+    return n
+
+
+class ZarrWriter:
+    """OME-Zarr 0.5 (Zarr v3): an RGB preview image with ``labels/nuclei`` and ``labels/classes``.
+
+    Labels are at the model's resolution (``model_mpp`` µm per pixel); the
+    preview image at ``image_downsample`` times coarser. Each tile's core is
+    painted once its neighbours are done, so only the nuclei of tiles still
+    bordering unfinished tiles are held in memory.
+    """
+
+    def __init__(self, path: str | os.PathLike, grid: TileGrid, geom: Geometry, card: ModelCard,
+                 chunk: int = 1024, image_downsample: int = 4):
+        import zarr
+        from zarr.codecs import BloscCodec
+
+        self.path = Path(path)
+        self.tmp = _partial(self.path)
+        if self.tmp.exists():
+            shutil.rmtree(self.tmp)
+        self.grid, self.geom, self.card = grid, geom, card
+        self.chunk = chunk
+        self.d = max(1, int(image_downsample))
+        H, W = grid.height, grid.width
+        self.root = zarr.open_group(str(self.tmp), mode="w", zarr_format=3)
+        comp = BloscCodec(cname="zstd", clevel=5, shuffle="bitshuffle")
+        ih, iw = math.ceil(H / self.d), math.ceil(W / self.d)
+        self.image_levels = _n_levels(ih, iw)
+        self.label_levels = _n_levels(H, W)
+        self.images = [self.root.create_array(
+            str(i), shape=(3, max(1, ih >> i), max(1, iw >> i)), chunks=(3, chunk, chunk), dtype="uint8",
+            fill_value=255, compressors=comp, dimension_names=("c", "y", "x")) for i in range(self.image_levels)]
+        labels = self.root.create_group("labels")
+        self.nuclei_grp = labels.create_group("nuclei")
+        self.classes_grp = labels.create_group("classes")
+        self.nuclei = [self.nuclei_grp.create_array(
+            str(i), shape=(1, max(1, H >> i), max(1, W >> i)), chunks=(1, chunk, chunk), dtype="uint32",
+            fill_value=0, compressors=comp, dimension_names=("c", "y", "x")) for i in range(self.label_levels)]
+        self.classes = [self.classes_grp.create_array(
+            str(i), shape=(1, max(1, H >> i), max(1, W >> i)), chunks=(1, chunk, chunk), dtype="uint8",
+            fill_value=0, compressors=comp, dimension_names=("c", "y", "x")) for i in range(self.label_levels)]
+        self._pos = {(t.row, t.col): t for t in grid.tiles}
+        self._done: set[tuple[int, int]] = set()
+        self._painted: set[tuple[int, int]] = set()
+        self._nuclei: dict[tuple[int, int], list[Nucleus]] = {}
+        self.max_held = 0
+
+    def _neighbours(self, rc: tuple[int, int]):
+        r, c = rc
+        for dr in (-1, 0, 1):
+            for dc in (-1, 0, 1):
+                if (r + dr, c + dc) in self._pos:
+                    yield (r + dr, c + dc)
+
+    def add_tile(self, tile: Tile, pixels: np.ndarray, nuclei: list[Nucleus]) -> None:
+        """Record a processed tile: write its preview pixels, hold its nuclei, paint cores now complete."""
+        self._write_preview(tile, pixels)
+        rc = (tile.row, tile.col)
+        self._nuclei[rc] = nuclei
+        self._done.add(rc)
+        newly = []
+        for nb in self._neighbours(rc):
+            if nb not in self._painted and all(x in self._done for x in self._neighbours(nb)):
+                self._paint(nb)
+                newly.append(nb)
+        self.max_held = max(self.max_held, sum(len(v) for v in self._nuclei.values()))
+        # a tile's nuclei are needed until every core they may reach is painted
+        for p in newly:
+            for nb in self._neighbours(p):
+                if nb in self._nuclei and all(x in self._painted for x in self._neighbours(nb)):
+                    del self._nuclei[nb]
+
+    def _write_preview(self, tile: Tile, pixels: np.ndarray) -> None:
+        import cv2
+
+        x0, y0, x1, y1 = tile.core
+        d = self.d
+        px0, py0, px1, py1 = x0 // d, y0 // d, -(-x1 // d), -(-y1 // d)
+        crop = pixels[py0 * d - tile.y : py1 * d - tile.y, px0 * d - tile.x : px1 * d - tile.x]
+        if crop.size == 0:
+            return
+        if d > 1:
+            crop = cv2.resize(crop, (px1 - px0, py1 - py0), interpolation=cv2.INTER_AREA)
+        ph, pw = self.images[0].shape[1:]
+        py1, px1 = min(py1, ph), min(px1, pw)
+        self.images[0][:, py0:py1, px0:px1] = np.moveaxis(crop[: py1 - py0, : px1 - px0], -1, 0)
+
+    def _paint(self, rc: tuple[int, int]) -> None:
+        x0, y0, x1, y1 = self._pos[rc].core
+        ids = np.zeros((y1 - y0, x1 - x0), np.uint32)
+        cls = np.zeros((y1 - y0, x1 - x0), np.uint8)
+        cands = [n for nb in self._neighbours(rc) for n in self._nuclei.get(nb, [])]
+        cands.sort(key=lambda n: (-n.score, n.id))
+        for n in cands:
+            bx0, by0, bx1, by1 = n.box
+            ix0, iy0, ix1, iy1 = max(bx0, x0), max(by0, y0), min(bx1, x1), min(by1, y1)
+            if ix1 <= ix0 or iy1 <= iy0:
+                continue
+            m = n.mask[iy0 - by0 : iy1 - by0, ix0 - bx0 : ix1 - bx0]
+            dst = ids[iy0 - y0 : iy1 - y0, ix0 - x0 : ix1 - x0]
+            free = m & (dst == 0)
+            dst[free] = n.id
+            cls[iy0 - y0 : iy1 - y0, ix0 - x0 : ix1 - x0][free] = n.label + 1
+        self.nuclei[0][0, y0:y1, x0:x1] = ids
+        self.classes[0][0, y0:y1, x0:x1] = cls
+        self._painted.add(rc)
+
+    def _pyramid(self, arrays: list, mode: str) -> None:
+        import cv2
+
+        step = self.chunk * 2
+        for i in range(1, len(arrays)):
+            src, dst = arrays[i - 1], arrays[i]
+            _, H, W = src.shape
+            for y in range(0, H, step):
+                for x in range(0, W, step):
+                    block = src[:, y : y + step, x : x + step]
+                    if mode == "nearest":
+                        out = block[:, ::2, ::2]
+                    else:
+                        hwc = np.moveaxis(block, 0, -1)
+                        h2, w2 = max(1, hwc.shape[0] // 2), max(1, hwc.shape[1] // 2)
+                        out = np.moveaxis(cv2.resize(hwc, (w2, h2), interpolation=cv2.INTER_AREA), -1, 0)
+                        if out.ndim == 2:
+                            out = out[None]
+                    oy, ox = y // 2, x // 2
+                    _, dh, dw = dst.shape
+                    out = out[:, : dh - oy, : dw - ox]
+                    dst[:, oy : oy + out.shape[1], ox : ox + out.shape[2]] = out
+
+    def close(self, colors_limit: int = 0) -> Path:
+        missing = [rc for rc in self._pos if rc not in self._painted]
+        if missing:
+            raise RuntimeError(f"{len(missing)} tiles were never completed; the label image would be incomplete")
+        self._pyramid(self.images, "area")
+        self._pyramid(self.nuclei, "nearest")
+        self._pyramid(self.classes, "nearest")
+        mpp = self.geom.model_mpp
+        self.root.attrs["ome"] = {
+            "version": "0.5",
+            "multiscales": _multiscales(f"{self.geom.slide_name} (preview)", self.image_levels, mpp, self.d, "area"),
+            "omero": {
+                "channels": [{"label": c, "color": col, "window": {"min": 0, "max": 255, "start": 0, "end": 255},
+                              "active": True} for c, col in zip("RGB", ("FF0000", "00FF00", "0000FF"))],
+                "rdefs": {"model": "color"},
+            },
+        }
+        self.root.attrs["wsiseg"] = {"slide": self.geom.slide_name, "model": self.card.name,
+                                     "level0_per_label_px": self.geom.level0_per_model_px}
+        self.root["labels"].attrs["ome"] = {"version": "0.5", "labels": ["nuclei", "classes"]}
+        self.nuclei_grp.attrs["ome"] = {
+            "version": "0.5",
+            "multiscales": _multiscales("nuclei", self.label_levels, mpp, 1, "nearest"),
+            "image-label": {"version": "0.5", "source": {"image": "../../"}},
+        }
+        self.classes_grp.attrs["ome"] = {
+            "version": "0.5",
+            "multiscales": _multiscales("classes", self.label_levels, mpp, 1, "nearest"),
+            "image-label": {
+                "version": "0.5",
+                "source": {"image": "../../"},
+                "colors": [{"label-value": i + 1, "rgba": [*c.color, 255]} for i, c in enumerate(self.card.classes)],
+                "properties": [{"label-value": i + 1, "class": c.name} for i, c in enumerate(self.card.classes)],
+            },
+        }
+        _finish(self.tmp, self.path)
+        return self.path
+
+    def abort(self) -> None:
+        shutil.rmtree(self.tmp, ignore_errors=True)

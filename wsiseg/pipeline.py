@@ -1,0 +1,216 @@
+"""The whole path for one slide: tiles → model → stitched nuclei → writers."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from . import __version__
+from .inference import MaskRCNNPredictor, Predictor
+from .outputs import GeoJSONWriter, Geometry, TableWriter, ZarrWriter, nucleus_record
+from .slide import open_slide
+from .stitching import Stitcher
+from .tiling import plan_slide, stream_tiles
+from .tissue import TissueMask
+
+
+@dataclass
+class SegmentOptions:
+    mpp: float | None = None
+    backend: str = "auto"
+    tissue: str = "detect"  # detect | whole | path to GeoJSON
+    tile_size: int | None = None  # default: the model card's
+    overlap: int | None = None
+    batch_size: int = 4
+    workers: int = 2
+    prefetch: int = 8
+    on_oversize: str = "error"
+    geojson: str = "geojson.gz"  # geojson | geojson.gz | none
+    table: str = "parquet"  # parquet | csv
+    zarr: bool = True
+    zarr_image_downsample: int = 4
+    progress: bool = True
+    overwrite: bool = False
+
+
+class OutputExistsError(FileExistsError):
+    pass
+
+
+class Timer:
+    def __init__(self) -> None:
+        self.totals: dict[str, float] = {}
+
+    def add(self, name: str, t0: float) -> float:
+        t = time.perf_counter()
+        self.totals[name] = self.totals.get(name, 0.0) + t - t0
+        return t
+
+
+def _tissue(slide, how: str) -> TissueMask:
+    from .tissue import detect_tissue, full_tissue, tissue_from_geojson
+
+    if how == "detect":
+        return detect_tissue(slide)
+    if how == "whole":
+        return full_tissue(slide)
+    return tissue_from_geojson(how, slide)
+
+
+def segment_slide(slide_path: str | os.PathLike, predictor: Predictor, out_dir: str | os.PathLike,
+                  options: SegmentOptions | None = None) -> dict:
+    """Segment one slide into ``out_dir``; returns the run summary.
+
+    Everything is written under ``<out_dir>.partial`` and renamed to
+    ``out_dir`` only when complete, so a run that stops leaves no output that
+    looks finished.
+    """
+    o = options or SegmentOptions()
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not o.overwrite:
+        raise OutputExistsError(f"{out_dir}: output folder exists (pass --overwrite to replace it)")
+    tmp_dir = out_dir.with_name(out_dir.name + ".partial")
+    if tmp_dir.exists():
+        shutil.rmtree(tmp_dir)
+    tmp_dir.mkdir(parents=True)
+    writers: list = []
+    try:
+        summary = _run(Path(slide_path), predictor, tmp_dir, o, writers)
+        (tmp_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp_dir, out_dir)
+        summary["outputs"] = {k: str(out_dir / Path(v).name) for k, v in summary["outputs"].items()}
+        return summary
+    except BaseException:
+        for w in writers:
+            try:
+                w.abort()
+            except Exception:
+                pass
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        raise
+
+
+def _run(slide_path: Path, predictor: Predictor, tmp_dir: Path, o: SegmentOptions, writers: list) -> dict:
+    timer = Timer()
+    started = time.time()
+    t0 = time.perf_counter()
+    card = predictor.card
+    slide = open_slide(slide_path, mpp=o.mpp, backend=o.backend)
+    tile_size = o.tile_size or card.tile_size
+    overlap = card.overlap if o.overlap is None else o.overlap
+    sp = plan_slide(slide, card.mpp, tile_size, overlap, tissue=_tissue(slide, o.tissue))
+    t0 = timer.add("plan", t0)
+    name = slide_path.name
+    stem = slide_path.stem
+    geom = Geometry(level0_per_model_px=sp.plan.level0_per_model_px, model_mpp=sp.plan.model_mpp, slide_name=name)
+
+    outputs: dict[str, str] = {}
+    zw = gj = None
+    if o.zarr:
+        zw = ZarrWriter(tmp_dir / f"{stem}.ome.zarr", sp.grid, geom, card, image_downsample=o.zarr_image_downsample)
+        writers.append(zw)
+    if o.geojson != "none":
+        gj = GeoJSONWriter(tmp_dir / f"{stem}.{o.geojson}", geom, card)
+        writers.append(gj)
+    tw = TableWriter(tmp_dir / f"{stem}.nuclei.{o.table}")
+    writers.append(tw)
+
+    stitcher = Stitcher(sp.grid, on_oversize=o.on_oversize)
+    per_class = np.zeros(len(card.classes), np.int64)
+    n_tiles = len(sp.grid)
+    progress = None
+    if o.progress:
+        from tqdm import tqdm
+
+        progress = tqdm(total=n_tiles, desc=name, unit="tile", dynamic_ncols=True, disable=None)
+    stream = stream_tiles(slide, sp.plan, sp.grid, workers=o.workers, prefetch=max(o.prefetch, o.batch_size))
+    batch_tiles, batch_px = [], []
+    done = False
+    t0 = time.perf_counter()
+    while not done:
+        try:
+            tile, px = next(stream)
+            batch_tiles.append(tile)
+            batch_px.append(px)
+        except StopIteration:
+            done = True
+        if batch_tiles and (len(batch_tiles) == o.batch_size or done):
+            t0 = timer.add("read_wait", t0)
+            arr = np.stack(batch_px)
+            if isinstance(predictor, MaskRCNNPredictor):
+                raw = predictor.forward(arr)
+                t0 = timer.add("forward", t0)
+                dets = predictor.postprocess(raw, arr.shape[1:3])
+                t0 = timer.add("postprocess", t0)
+            else:
+                dets = predictor.predict(arr)
+                t0 = timer.add("forward", t0)
+            for tile, px, det in zip(batch_tiles, batch_px, dets):
+                kept = stitcher.add(tile, det)
+                t0 = timer.add("stitch", t0)
+                for n in kept:
+                    rec = nucleus_record(n, geom, card)
+                    tw.write(rec)
+                    if gj is not None:
+                        gj.write(n, rec)
+                    per_class[n.label] += 1
+                if zw is not None:
+                    zw.add_tile(tile, px, kept)
+                t0 = timer.add("write", t0)
+            if progress is not None:
+                progress.update(len(batch_tiles))
+                progress.set_postfix(nuclei=int(per_class.sum()), refresh=False)
+            batch_tiles, batch_px = [], []
+            t0 = time.perf_counter()
+    if progress is not None:
+        progress.close()
+    t0 = time.perf_counter()
+    if zw is not None:
+        outputs["zarr"] = str(zw.close())
+    if gj is not None:
+        outputs["geojson"] = str(gj.close())
+    outputs["table"] = str(tw.close())
+    writers.clear()
+    timer.add("finalize", t0)
+    wall = time.time() - started
+    n_nuclei = int(per_class.sum())
+    tissue_mm2 = sp.tissue.area_mm2(slide.require_mpp())
+    mp = n_tiles * tile_size * tile_size / 1e6
+    return {
+        "wsiseg_version": __version__,
+        "slide": str(slide_path),
+        "slide_dimensions": list(slide.dimensions),
+        "slide_mpp": slide.mpp,
+        "model": card.name,
+        "model_mpp": sp.plan.model_mpp,
+        "read_level": sp.plan.level,
+        "resize_factor": sp.plan.scale,
+        "tile_size": tile_size,
+        "overlap": overlap,
+        "tiles": n_tiles,
+        "grid": list(sp.grid.shape),
+        "tissue_source": sp.tissue.source,
+        "tissue_area_mm2": round(tissue_mm2, 5),
+        "nuclei": n_nuclei,
+        "nuclei_per_class": {c.name: int(k) for c, k in zip(card.classes, per_class)},
+        "nuclei_per_mm2": round(n_nuclei / tissue_mm2, 2) if tissue_mm2 > 0 else None,
+        "dropped_oversize": stitcher.dropped_oversize,
+        "timings_s": {k: round(v, 3) for k, v in timer.totals.items()},
+        "wall_s": round(wall, 3),
+        "tiles_per_s": round(n_tiles / wall, 3) if wall > 0 else None,
+        "megapixels_per_s": round(mp / wall, 3) if wall > 0 else None,
+        "nuclei_per_s": round(n_nuclei / wall, 2) if wall > 0 else None,
+        "device": str(getattr(getattr(predictor, "device", None), "device", "cpu")),
+        "platform": platform.platform(),
+        "outputs": {k: Path(v).name for k, v in outputs.items()},
+        "note": None if n_tiles else "no tissue found: outputs are empty",
+    }
