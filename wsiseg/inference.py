@@ -119,8 +119,9 @@ def paste_masks(mask_probs: np.ndarray, boxes: np.ndarray, size: tuple[int, int]
 
 
 def resolve_overlaps(det: TileDetections, min_area: int = 4) -> TileDetections:
-    """Give every pixel to the highest-scoring nucleus that claims it; keep each nucleus's largest part."""
+    """Give every pixel to the highest-scoring nucleus that claims it; keep each nucleus's largest part, holes filled."""
     import cv2
+    from scipy.ndimage import binary_fill_holes
 
     if len(det) == 0:
         return det
@@ -144,7 +145,7 @@ def resolve_overlaps(det: TileDetections, min_area: int = 4) -> TileDetections:
                 continue
         ys, xs = np.nonzero(m)
         bx0, by0, bx1, by1 = xs.min(), ys.min(), xs.max() + 1, ys.max() + 1
-        m = m[by0:by1, bx0:bx1]
+        m = binary_fill_holes(m[by0:by1, bx0:bx1]) & ~taken[y0 + by0 : y0 + by1, x0 + bx0 : x0 + bx1]
         taken[y0 + by0 : y0 + by1, x0 + bx0 : x0 + bx1] |= m
         keep.append(i)
         boxes.append((x0 + bx0, y0 + by0, x0 + bx1, y0 + by1))
@@ -246,7 +247,7 @@ class ThresholdPredictor:
         for i, sl in enumerate(ndimage.find_objects(labels), start=1):
             if sl is None:
                 continue
-            m = labels[sl] == i
+            m = ndimage.binary_fill_holes(labels[sl] == i)
             if m.sum() < self.min_area:
                 continue
             boxes.append((sl[1].start, sl[0].start, sl[1].stop, sl[0].stop))

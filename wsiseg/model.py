@@ -39,6 +39,8 @@ class ModelConfig:
     aspect_ratios: tuple[float, ...] = (0.5, 1.0, 2.0)
     mask_roi_size: int = 14
     fpn_channels: int = 256
+    box_head_dim: int = 1024
+    mask_head_channels: int = 256
     width: int = 64  # ResNet stem width; 64 is the standard network
     detections_per_tile: int = 1000
     rpn_pre_nms_top_n_test: int = 3000
@@ -159,6 +161,8 @@ def build_model(cfg: ModelConfig, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224,
     """torchvision Mask R-CNN for ``cfg.num_classes`` nucleus classes plus background."""
     from torchvision.models.detection import MaskRCNN
     from torchvision.models.detection.anchor_utils import AnchorGenerator
+    from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+    from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
     from torchvision.ops import MultiScaleRoIAlign
 
     backbone = build_backbone(cfg)
@@ -170,7 +174,6 @@ def build_model(cfg: ModelConfig, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224,
     names = [str(i) for i in range(n_maps - 1)] if n_maps == 5 else ["0", "1"]
     model = MaskRCNN(
         backbone,
-        num_classes=cfg.num_classes + 1,
         min_size=cfg.tile_size,
         max_size=cfg.tile_size,
         image_mean=list(mean),
@@ -181,6 +184,11 @@ def build_model(cfg: ModelConfig, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224,
         rpn_pre_nms_top_n_test=cfg.rpn_pre_nms_top_n_test,
         rpn_post_nms_top_n_test=cfg.rpn_post_nms_top_n_test,
         box_roi_pool=MultiScaleRoIAlign(featmap_names=names, output_size=7, sampling_ratio=2),
+        box_head=TwoMLPHead(cfg.fpn_channels * 7 * 7, cfg.box_head_dim),
+        box_predictor=FastRCNNPredictor(cfg.box_head_dim, cfg.num_classes + 1),
+        mask_head=MaskRCNNHeads(cfg.fpn_channels, [cfg.mask_head_channels] * 4, 1,
+                                norm_layer=_norm_layer(cfg.norm)),
+        mask_predictor=MaskRCNNPredictor(cfg.mask_head_channels, cfg.mask_head_channels, cfg.num_classes + 1),
         mask_roi_pool=MultiScaleRoIAlign(featmap_names=names, output_size=cfg.mask_roi_size, sampling_ratio=2),
         box_detections_per_img=cfg.detections_per_tile,
         box_batch_size_per_image=cfg.box_batch_size_per_image,

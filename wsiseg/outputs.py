@@ -66,7 +66,7 @@ def mask_polygon(mask: np.ndarray, x0: int, y0: int, scale: float) -> list[list[
     from skimage.measure import find_contours
 
     padded = np.pad(mask.astype(np.float32), 1)
-    contours = find_contours(padded, 0.5)
+    contours = find_contours(padded, 0.5, fully_connected="high")
     if not contours:
         return None
     c = max(contours, key=len)

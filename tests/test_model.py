@@ -1,0 +1,111 @@
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from helpers_model import tiny_model
+
+from wsiseg.inference import MaskRCNNPredictor, paste_masks, resolve_overlaps, select_device, TileDetections
+from wsiseg.model import ModelConfig, ModelLoadError, build_model, load_card, load_model
+
+
+def test_save_load_round_trip(tmp_path):
+    path, model, card = tiny_model(tmp_path, classes=("tumour", "lymphocyte"))
+    loaded, card2 = load_model(path)
+    assert card2.class_names == ["tumour", "lymphocyte"]
+    assert card2.classes[0].color == card.classes[0].color and card2.mpp == card.mpp
+    assert card2.config == card.config
+    for (k, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), k
+    assert (tmp_path / "tiny.json").exists()  # human-readable card beside the weights
+
+
+def test_half_precision_storage(tmp_path):
+    from wsiseg.model import save_model
+
+    path, model, card = tiny_model(tmp_path)
+    half = save_model(model, card, tmp_path / "half.safetensors", half=True)
+    assert half.stat().st_size < path.stat().st_size * 0.6
+    loaded, _ = load_model(half)
+    w = dict(loaded.named_parameters())["backbone.body.conv1.weight"]
+    assert w.dtype == torch.float32
+    assert torch.allclose(w, dict(model.named_parameters())["backbone.body.conv1.weight"], atol=1e-2)
+
+
+def test_pickles_are_refused(tmp_path):
+    evil = tmp_path / "model.safetensors"
+    evil.write_bytes(pickle.dumps({"a": 1}))
+    with pytest.raises(ModelLoadError, match="model.safetensors"):
+        load_model(evil)
+    with pytest.raises(ModelLoadError, match="no such model"):
+        load_model(tmp_path / "missing.safetensors")
+
+
+def test_card_without_metadata_is_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    p = tmp_path / "bare.safetensors"
+    save_file({"w": torch.zeros(2)}, str(p))
+    with pytest.raises(ModelLoadError, match="model card"):
+        load_card(p)
+
+
+@pytest.mark.parametrize("backbone", ["resnet18", "mobilenet_v3_large"])
+def test_backbones_build_without_downloads(backbone):
+    cfg = ModelConfig(backbone=backbone, anchor_sizes=(16, 32, 64, 128, 256), tile_size=128)
+    m = build_model(cfg)
+    frozen = [n for n, mod in m.named_modules() if type(mod).__name__ == "FrozenBatchNorm2d"]
+    assert frozen == []  # trains from scratch: real normalisation layers
+
+
+def test_select_device_cpu():
+    d = select_device("cpu")
+    assert d.device.type == "cpu" and d.autocast_dtype == torch.bfloat16 and d.channels_last and not d.pin_memory
+    assert select_device("cpu", "fp32").autocast_dtype is None
+    with pytest.raises(ValueError, match="fp16"):
+        select_device("cpu", "fp16")
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="CUDA is not available"):
+            select_device("cuda")
+        assert select_device("auto").device.type == "cpu"
+
+
+def test_predictor_outputs_tile_detections(tmp_path):
+    path, _, _ = tiny_model(tmp_path)
+    model, card = load_model(path)
+    pred = MaskRCNNPredictor(model, card, select_device("cpu"))
+    tiles = (np.random.default_rng(0).random((3, 128, 128, 3)) * 255).astype(np.uint8)
+    dets = pred.predict(tiles)
+    assert len(dets) == 3
+    for d in dets:
+        assert len(d) > 0  # score threshold 0: random weights still propose nuclei
+        assert d.boxes.dtype == np.int32 and (d.boxes[:, 2] <= 128).all() and (d.boxes[:, 0] >= 0).all()
+        for b, m in zip(d.boxes, d.masks):
+            assert m.shape == (b[3] - b[1], b[2] - b[0]) and m.dtype == bool and m.any()
+        # overlaps resolved: painting all masks never writes a pixel twice
+        canvas = np.zeros((128, 128), int)
+        for b, m in zip(d.boxes, d.masks):
+            canvas[b[1] : b[3], b[0] : b[2]] += m
+        assert canvas.max() <= 1
+    # bf16 autocast and fp32 agree on the boxes that both find
+    fp32 = MaskRCNNPredictor(model, card, select_device("cpu", "fp32")).forward(tiles[:1])[0]
+    assert fp32["masks"].shape[1:] == (1, 28, 28)
+
+
+def test_paste_masks_geometry():
+    prob = np.ones((1, 28, 28), np.float32)
+    boxes, masks = paste_masks(prob, np.array([[10.0, 20.0, 30.0, 25.0]]), (64, 64))
+    assert tuple(boxes[0]) == (10, 20, 30, 25)
+    assert masks[0].shape == (5, 20) and masks[0].all()
+
+
+def test_resolve_overlaps_gives_pixels_to_higher_score():
+    a = np.ones((10, 10), bool)
+    det = TileDetections(np.array([[0, 0, 10, 10], [5, 0, 15, 10]], np.int32), np.array([0.6, 0.9], np.float32),
+                         np.array([0, 0], np.int32), [a, a.copy()])
+    out = resolve_overlaps(det)
+    assert len(out) == 2
+    by_score = sorted(zip(out.scores.tolist(), (int(m.sum()) for m in out.masks)))
+    assert by_score[1][1] == 100 and by_score[0][1] == 50

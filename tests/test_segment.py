@@ -1,0 +1,178 @@
+from __future__ import annotations
+
+import gzip
+import json
+import math
+import subprocess
+import sys
+import uuid
+
+import numpy as np
+import pandas as pd
+import pytest
+import zarr
+from conftest import synthetic_he, write_pyramid_tiff
+from helpers_model import tiny_model
+from shapely.geometry import shape
+
+from wsiseg.inference import ThresholdPredictor, load_predictor, threshold_card
+from wsiseg.pipeline import OutputExistsError, SegmentOptions, segment_slide
+
+
+def _slide(tmp_path, h=700, w=900, mpp=0.5, seed=1):
+    img, truth = synthetic_he(h, w, seed=seed, n_nuclei=300, radius=(5, 8))
+    return write_pyramid_tiff(tmp_path / "synth.tif", img, mpp, levels=2, compression="zlib"), img, truth
+
+
+def _read_geojson(path):
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "rt") as f:
+        return json.load(f)
+
+
+def check_outputs(out, stem, card_classes, level0_per_model_px, model_mpp, compact=True):
+    """What every consumer relies on: ids agree across Zarr, GeoJSON and table; valid geometry."""
+    summary = json.loads((out / "summary.json").read_text())
+    table = pd.read_parquet(out / f"{stem}.nuclei.parquet")
+    assert len(table) == summary["nuclei"]
+    assert table["id"].is_unique and set(table["id"]) == set(range(1, len(table) + 1))
+
+    gj = _read_geojson(out / f"{stem}.geojson.gz")
+    assert gj["type"] == "FeatureCollection"
+    feats = gj["features"]
+    assert len(feats) == len(table)
+    by_id = table.set_index("id")
+    for f in feats:
+        uuid.UUID(f["id"])
+        props = f["properties"]
+        assert props["objectType"] == "detection"
+        cls = props["classification"]
+        assert set(cls) == {"name", "color"} and len(cls["color"]) == 3
+        assert all(isinstance(v, (int, float)) and math.isfinite(v) for v in props["measurements"].values())
+        ring = f["geometry"]["coordinates"][0]
+        assert f["geometry"]["type"] == "Polygon" and ring[0] == ring[-1] and len(ring) >= 4
+        assert all(round(c, 2) == c for pt in ring for c in pt)
+        poly = shape(f["geometry"])
+        assert poly.is_valid
+        row = by_id.loc[props["measurements"]["nucleus_id"]]
+        assert row["uuid"] == f["id"] and row["class_name"] == cls["name"]
+        # polygon and table agree on where the nucleus is (level-0 pixels)
+        x0, y0, x1, y1 = poly.bounds
+        assert x0 <= row["centroid_x_px"] <= x1 and y0 <= row["centroid_y_px"] <= y1
+        if compact:  # for round nuclei the outline's centroid is the mask's
+            assert abs(poly.centroid.x - row["centroid_x_px"]) < 1.5 * level0_per_model_px
+            assert abs(poly.centroid.y - row["centroid_y_px"]) < 1.5 * level0_per_model_px
+
+    root = zarr.open_group(str(out / f"{stem}.ome.zarr"), mode="r")
+    ome = root.attrs["ome"]
+    assert ome["version"] == "0.5"
+    assert root["labels"].attrs["ome"]["labels"] == ["nuclei", "classes"]
+    lab_meta = root["labels/nuclei"].attrs["ome"]
+    axes = lab_meta["multiscales"][0]["axes"]
+    assert [a["name"] for a in axes] == ["c", "y", "x"] and axes[1]["unit"] == "micrometer"
+    scale0 = lab_meta["multiscales"][0]["datasets"][0]["coordinateTransformations"][0]["scale"]
+    assert scale0[1] == pytest.approx(model_mpp)
+    labels = root["labels/nuclei/0"][0]
+    assert labels.dtype == np.uint32
+    ids, counts = np.unique(labels[labels > 0], return_counts=True)
+    assert set(ids) <= set(table["id"])
+    assert len(ids) >= 0.99 * len(table)  # a nucleus may lose all pixels only to a higher-scoring overlap
+    area_px = dict(zip(ids, counts))
+    areas = table.set_index("id")["area_um2"] / model_mpp**2
+    diffs = [abs(area_px[i] - areas[i]) / areas[i] for i in ids]
+    assert np.median(diffs) < 0.01
+    classes = root["labels/classes/0"][0]
+    assert ((classes > 0) == (labels > 0)).all()
+    assert root["labels/classes"].attrs["ome"]["image-label"]["properties"][0]["class"] == card_classes[0]
+    return summary, table, labels
+
+
+def test_segment_generated_slide_threshold_model(tmp_path):
+    path, img, truth = _slide(tmp_path)
+    pred = ThresholdPredictor(threshold_card(mpp=0.5, tile_size=256, overlap=64))
+    out = tmp_path / "out"
+    summary = segment_slide(path, pred, out, SegmentOptions(tissue="whole", progress=False, workers=2))
+    s, table, labels = check_outputs(out, "synth", ["nucleus"], 1.0, 0.5)
+    # the baseline finds nearly every synthetic nucleus, once
+    assert 0.97 * truth.max() <= s["nuclei"] <= truth.max()
+    # and the label image reproduces the truth
+    inter = ((labels > 0) & (truth > 0)).sum() / ((labels > 0) | (truth > 0)).sum()
+    assert inter > 0.9
+    assert s["timings_s"]["forward"] > 0 and s["tiles"] == len(list(range(s["grid"][0] * s["grid"][1])))
+    assert not (tmp_path / "out.partial").exists()
+
+
+def test_segment_same_nuclei_for_any_tile_size(tmp_path):
+    path, _, _ = _slide(tmp_path, seed=4)
+    results = []
+    for tile, ov in [(1024, 0), (192, 64), (128, 48)]:
+        pred = ThresholdPredictor(threshold_card(mpp=0.5, tile_size=tile, overlap=ov))
+        out = tmp_path / f"out{tile}"
+        segment_slide(path, pred, out, SegmentOptions(tissue="whole", progress=False, zarr=False, geojson="none"))
+        t = pd.read_parquet(out / "synth.nuclei.parquet")
+        results.append(sorted(zip(t.centroid_x_px.round(2), t.centroid_y_px.round(2), t.area_um2)))
+    assert results[0] == results[1] == results[2]
+
+
+def test_segment_upsampled_slide_with_mask_rcnn(tmp_path):
+    # a 1.0 mpp slide for a 0.5 mpp model: coordinates must come back in slide pixels
+    path, img, _ = _slide(tmp_path, h=300, w=400, mpp=1.0)
+    model_path, _, card = tiny_model(tmp_path, classes=("tumour", "immune"))
+    pred = load_predictor(str(model_path), device="cpu")
+    out = tmp_path / "out"
+    s = segment_slide(path, pred, out, SegmentOptions(tissue="whole", progress=False, on_oversize="drop"))
+    assert s["resize_factor"] == 2.0 and s["tiles"] > 1
+    summary, table, _ = check_outputs(out, "synth", ["tumour", "immune"], 0.5, 0.5, compact=False)
+    assert s["nuclei"] > 0
+    assert table.centroid_x_px.max() <= 400 and table.centroid_y_px.max() <= 300
+    assert set(table.class_name) <= {"tumour", "immune"}
+
+
+def test_existing_output_is_kept_and_failures_leave_nothing(tmp_path):
+    path, _, _ = _slide(tmp_path, h=300, w=300)
+    out = tmp_path / "out"
+    out.mkdir()
+    pred = ThresholdPredictor(threshold_card(mpp=0.5, tile_size=128, overlap=48))
+    with pytest.raises(OutputExistsError):
+        segment_slide(path, pred, out, SegmentOptions(tissue="whole", progress=False))
+    out.rmdir()
+
+    class Exploding(ThresholdPredictor):
+        calls = 0
+
+        def predict(self, tiles):
+            Exploding.calls += 1
+            if Exploding.calls == 2:
+                raise RuntimeError("device lost")
+            return super().predict(tiles)
+
+    with pytest.raises(RuntimeError, match="device lost"):
+        segment_slide(path, Exploding(pred.card), out, SegmentOptions(tissue="whole", progress=False, batch_size=1))
+    assert not out.exists() and not (tmp_path / "out.partial").exists()
+
+
+def test_segment_real_svs_end_to_end(slides_dir, tmp_path):
+    out = tmp_path / "cmu"
+    proc = subprocess.run(
+        [sys.executable, "-m", "wsiseg.cli", "segment", str(slides_dir / "CMU-1-Small-Region.svs"),
+         "--model", "threshold", "--on-oversize", "drop", "--out", str(out), "--quiet"],
+        capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    summary, table, labels = check_outputs(out, "CMU-1-Small-Region", ["nucleus"], 1.0, 0.499)
+    assert summary["nuclei"] > 500  # the section holds well over a thousand nuclei
+    assert 0.3 < summary["tissue_area_mm2"] < 1.2
+    # nuclei lie on detected tissue, in slide pixel coordinates
+    assert table.centroid_x_px.between(0, 2220).all() and table.centroid_y_px.between(0, 2967).all()
+    assert 10 < table.area_um2.median() < 80  # nucleus-sized objects
+
+
+def test_segment_cli_errors(slides_dir, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "wsiseg.cli", "segment", str(slides_dir / "unreadable.svs"),
+                           "--model", "threshold", "--out", str(tmp_path / "o")], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2 and "unreadable.svs" in proc.stderr and "Traceback" not in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "wsiseg.cli", "segment", str(slides_dir / "CMU-1-Small-Region.svs"),
+                           "--model", str(tmp_path / "nope.safetensors"), "--out", str(tmp_path / "o")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "nope.safetensors" in proc.stderr
+    assert not (tmp_path / "o").exists()
