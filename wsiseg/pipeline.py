@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import os
 import platform
+import queue
 import shutil
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +44,65 @@ class SegmentOptions:
 
 class OutputExistsError(FileExistsError):
     pass
+
+
+class Sink:
+    """Runs ``fn(*item)`` for queued items in one background thread; errors surface in the producer."""
+
+    def __init__(self, fn, maxsize: int = 2):
+        self.fn = fn
+        self.q: queue.Queue = queue.Queue(maxsize=maxsize)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._loop, name="wsiseg-sink", daemon=True)
+        self.thread.start()
+
+    def _loop(self) -> None:
+        while True:
+            item = self.q.get()
+            if item is None:
+                return
+            if self.error is None:
+                try:
+                    self.fn(*item)
+                except BaseException as exc:  # re-raised in the producer
+                    self.error = exc
+
+    def _check(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def put(self, *item) -> None:
+        self._check()
+        while True:
+            try:
+                self.q.put(item, timeout=0.5)
+                return
+            except queue.Full:
+                self._check()
+
+    def close(self) -> None:
+        """Wait for every queued item; raise the first error."""
+        self.put_end()
+        self.thread.join()
+        self._check()
+
+    def put_end(self) -> None:
+        while self.thread.is_alive():
+            try:
+                self.q.put(None, timeout=0.5)
+                return
+            except queue.Full:
+                continue
+
+    def stop(self) -> None:
+        if self.thread.is_alive():
+            while True:  # drop what is queued so the thread sees the end marker
+                try:
+                    self.q.get_nowait()
+                except queue.Empty:
+                    break
+            self.put_end()
+            self.thread.join(timeout=30)
 
 
 class Timer:
@@ -133,44 +194,61 @@ def _run(slide_path: Path, predictor: Predictor, tmp_dir: Path, o: SegmentOption
 
         progress = tqdm(total=n_tiles, desc=name, unit="tile", dynamic_ncols=True, disable=None)
     stream = stream_tiles(slide, sp.plan, sp.grid, workers=o.workers, prefetch=max(o.prefetch, o.batch_size))
-    batch_tiles, batch_px = [], []
-    done = False
-    t0 = time.perf_counter()
-    while not done:
-        try:
-            tile, px = next(stream)
-            batch_tiles.append(tile)
-            batch_px.append(px)
-        except StopIteration:
-            done = True
-        if batch_tiles and (len(batch_tiles) == o.batch_size or done):
-            t0 = timer.add("read_wait", t0)
-            arr = np.stack(batch_px)
-            if isinstance(predictor, MaskRCNNPredictor):
-                raw = predictor.forward(arr)
+    sink_timer = Timer()
+
+    def consume(batch_tiles, batch_px, raw) -> None:
+        # post-processing, stitching and writing run beside the model, in the sink thread
+        t0 = time.perf_counter()
+        if isinstance(predictor, MaskRCNNPredictor):
+            dets = predictor.postprocess(raw, batch_px[0].shape[:2])
+            t0 = sink_timer.add("postprocess", t0)
+        else:
+            dets = raw
+        for tile, px, det in zip(batch_tiles, batch_px, dets):
+            kept = stitcher.add(tile, det)
+            t0 = sink_timer.add("stitch", t0)
+            for n in kept:
+                rec = nucleus_record(n, geom, card)
+                tw.write(rec)
+                if gj is not None:
+                    gj.write(n, rec)
+                per_class[n.label] += 1
+            if zw is not None:
+                zw.add_tile(tile, px, kept)
+            t0 = sink_timer.add("write", t0)
+        if progress is not None:
+            progress.update(len(batch_tiles))
+            progress.set_postfix(nuclei=int(per_class.sum()), refresh=False)
+
+    sink = Sink(consume, maxsize=2)
+    try:
+        batch_tiles, batch_px = [], []
+        done = False
+        t0 = time.perf_counter()
+        while not done:
+            try:
+                tile, px = next(stream)
+                batch_tiles.append(tile)
+                batch_px.append(px)
+            except StopIteration:
+                done = True
+            if batch_tiles and (len(batch_tiles) == o.batch_size or done):
+                t0 = timer.add("read_wait", t0)
+                arr = np.stack(batch_px)
+                if isinstance(predictor, MaskRCNNPredictor):
+                    raw = predictor.forward(arr)
+                else:
+                    raw = predictor.predict(arr)
                 t0 = timer.add("forward", t0)
-                dets = predictor.postprocess(raw, arr.shape[1:3])
-                t0 = timer.add("postprocess", t0)
-            else:
-                dets = predictor.predict(arr)
-                t0 = timer.add("forward", t0)
-            for tile, px, det in zip(batch_tiles, batch_px, dets):
-                kept = stitcher.add(tile, det)
-                t0 = timer.add("stitch", t0)
-                for n in kept:
-                    rec = nucleus_record(n, geom, card)
-                    tw.write(rec)
-                    if gj is not None:
-                        gj.write(n, rec)
-                    per_class[n.label] += 1
-                if zw is not None:
-                    zw.add_tile(tile, px, kept)
-                t0 = timer.add("write", t0)
-            if progress is not None:
-                progress.update(len(batch_tiles))
-                progress.set_postfix(nuclei=int(per_class.sum()), refresh=False)
-            batch_tiles, batch_px = [], []
-            t0 = time.perf_counter()
+                sink.put(batch_tiles, batch_px, raw)
+                t0 = timer.add("sink_wait", t0)
+                batch_tiles, batch_px = [], []
+        sink.close()
+    finally:
+        sink.stop()
+        stream.close()
+    for k, v in sink_timer.totals.items():
+        timer.totals[k] = v
     if progress is not None:
         progress.close()
     t0 = time.perf_counter()
