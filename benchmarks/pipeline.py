@@ -121,7 +121,7 @@ def make_slide(path: Path, size: int) -> None:
     for x, y in zip(xs, ys):
         if mask[y, x]:
             cv2.ellipse(img, (int(x), int(y)), (int(rng.integers(4, 8)), int(rng.integers(3, 7))),
-                        float(rng.uniform(0, 180)), 0, 360, (95, 55, 145), -1)
+                        float(rng.uniform(0, 180)), 0, 360, (40, 18, 90), -1)
     opts = dict(tile=(256, 256), photometric="rgb", compression="jpeg", compressionargs={"level": 90})
     with tifffile.TiffWriter(path, bigtiff=True) as tif:
         cur, m = img, 0.5

@@ -33,7 +33,7 @@ def make_slide(path: Path, size: int, tile: int = 256, mpp: float = 0.25) -> Non
         t[:] = (232, 170, 205)
         for _ in range(40):
             c = tuple(int(v) for v in rng.integers(10, tile - 10, 2))
-            cv2.circle(t, c, int(rng.integers(4, 10)), (95, 55, 145), -1)
+            cv2.circle(t, c, int(rng.integers(4, 10)), (40, 18, 90), -1)
         t = np.clip(t.astype(np.int16) + rng.integers(-12, 12, t.shape), 0, 255).astype(np.uint8)
         bank.append(t)
 

@@ -46,7 +46,7 @@ def synthetic_he(height: int, width: int, seed: int = 0, n_nuclei: int = 40, rad
             continue
         placed += 1
         labels[disc > 0] = placed
-        img[disc > 0] = (90, 50, 140)
+        img[disc > 0] = (40, 18, 90)
     return img, labels
 
 

@@ -180,7 +180,7 @@ def test_segment_cli_errors(slides_dir, tmp_path):
 
 def test_oversize_error_from_writer_thread_leaves_no_output(tmp_path):
     img = np.full((400, 400, 3), (236, 170, 200), np.uint8)
-    img[150:260, 100:150] = (90, 50, 140)  # 50x110 px: wider than a 32 px overlap allows
+    img[150:260, 100:150] = (40, 18, 90)  # 50x110 px: wider than a 32 px overlap allows
     path = write_pyramid_tiff(tmp_path / "big.tif", img, 0.5, levels=1, compression="zlib")
     pred = ThresholdPredictor(threshold_card(mpp=0.5, tile_size=128, overlap=32))
     from wsiseg.stitching import NucleusTooLargeError

@@ -87,12 +87,12 @@ def test_result_is_independent_of_tile_order():
 
 def test_nucleus_wider_than_overlap_fails_loudly():
     img = np.full((300, 300, 3), (236, 170, 200), np.uint8)
-    img[100:200, 60:100] = (90, 50, 140)  # a 40x100 px object across the seam at x=80
+    img[100:200, 60:100] = (40, 18, 90)  # a 40x100 px object across the seam at x=80
     with pytest.raises(NucleusTooLargeError, match="--overlap"):
         segment_image(img, 128, 16)
     # with enough overlap it is stitched once
     kept = segment_image(img, 256, 128)
-    assert len(kept) == 1 and abs(kept[0].area - 40 * 100) <= 10  # corners rounded by smoothing
+    assert len(kept) == 1 and abs(kept[0].area - 40 * 100) <= 20  # corners rounded by smoothing
 
 
 def test_drop_mode_counts_oversize():

@@ -122,7 +122,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
         mpp=args.mpp, backend=args.backend, tissue=tissue, tile_size=args.tile_size, overlap=args.overlap,
         batch_size=args.batch_size, workers=args.workers, prefetch=args.prefetch, on_oversize=args.on_oversize,
         geojson=args.geojson, table=args.table, zarr=not args.no_zarr, progress=not args.quiet,
-        overwrite=args.overwrite,
+        overwrite=args.overwrite, stats=not args.no_stats, density_cell_um=args.density_cell_um,
     )
     out = args.out or str(Path(args.slide).stem) + "-wsiseg"
     summary = segment_slide(args.slide, predictor, out, opts)
@@ -133,6 +133,17 @@ def cmd_segment(args: argparse.Namespace) -> int:
     for k, v in summary["outputs"].items():
         print(f"  {k:<8} {v}")
     print(f"  summary  {Path(out) / 'summary.json'}")
+    return 0
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    from .stats import write_stats
+
+    s = write_stats(args.outdir, cell_um=args.density_cell_um)
+    print(f"{s['nuclei']} nuclei, {s['density_per_mm2'] or 0:.1f} per mm² of tissue")
+    for name, c in s["classes"].items():
+        print(f"  {name:<16} {c['count']:>9}  {100 * c['fraction']:5.1f}%")
+    print(f"report: {Path(args.outdir) / 'stats' / 'report.html'}")
     return 0
 
 
@@ -167,7 +178,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-zarr", action="store_true", help="skip the OME-Zarr label images")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--no-stats", action="store_true", help="skip the slide statistics and report")
+    p.add_argument("--density-cell-um", type=float, default=100.0, help="density map cell size in µm")
     p.set_defaults(func=cmd_segment)
+
+    p = sub.add_parser("stats", help="slide statistics and report of a segment output folder")
+    p.add_argument("outdir", help="folder written by wsiseg segment")
+    p.add_argument("--density-cell-um", type=float, default=100.0, help="density map cell size in µm")
+    p.set_defaults(func=cmd_stats)
     return parser
 
 

@@ -215,14 +215,15 @@ class MaskRCNNPredictor:
 
 
 class ThresholdPredictor:
-    """A classical baseline: hematoxylin optical density, a fixed threshold, connected components.
+    """A classical baseline: hematoxylin by colour deconvolution, a fixed threshold, connected components.
 
     It has no learned weights and one class; it is deterministic and local, so
     it also serves to check that tiling and stitching change nothing.
     """
 
-    def __init__(self, card: ModelCard, min_area: int = 12, smooth: float = 1.0):
+    def __init__(self, card: ModelCard, min_area: int = 12, smooth: float = 1.0, threshold: float = 0.6):
         self.card = card
+        self.threshold = threshold
         self.min_area = min_area
         self.smooth = smooth
 
@@ -233,12 +234,14 @@ class ThresholdPredictor:
         import cv2
         from scipy import ndimage
 
-        od = -np.log(np.maximum(tile.astype(np.float32), 1.0) / 255.0)
-        # Ruifrok & Johnston hematoxylin vector
-        hema = od @ np.array([0.65, 0.70, 0.29], np.float32)
+        from skimage.color import hed_from_rgb
+
+        od = -np.log10(np.maximum(tile.astype(np.float32), 1.0) / 255.0)
+        # colour deconvolution (Ruifrok & Johnston): hematoxylin optical density
+        hema = od @ np.asarray(hed_from_rgb, np.float32)[:, 0]
         if self.smooth:
             hema = cv2.GaussianBlur(hema, (0, 0), self.smooth)
-        fg = hema > 0.9
+        fg = hema > self.threshold
         fg = ndimage.binary_opening(fg, iterations=1)
         labels, n = ndimage.label(fg)
         if n == 0:
@@ -252,7 +255,7 @@ class ThresholdPredictor:
                 continue
             boxes.append((sl[1].start, sl[0].start, sl[1].stop, sl[0].stop))
             masks.append(m)
-            scores.append(min(1.0, float(hema[sl][m].mean()) / 2.0))
+            scores.append(min(1.0, float(hema[sl][m].mean()) / (2 * self.threshold)))
         if not boxes:
             return TileDetections.empty()
         return TileDetections(np.asarray(boxes, np.int32), np.asarray(scores, np.float32),

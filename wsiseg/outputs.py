@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .features import FEATURE_COLUMNS
 from .model import ModelCard
 from .stitching import Nucleus
 from .tiling import Tile, TileGrid
@@ -89,8 +90,22 @@ def mask_polygon(mask: np.ndarray, x0: int, y0: int, scale: float) -> list[list[
     return coords
 
 
-def nucleus_record(n: Nucleus, geom: Geometry, card: ModelCard) -> dict:
-    """The table row of a nucleus: ids, centroid in level-0 px and µm, area, class and score."""
+def nucleus_record(n: Nucleus, geom: Geometry, card: ModelCard, pixels: np.ndarray | None = None,
+                   origin: tuple[int, int] = (0, 0)) -> dict:
+    """The table row of a nucleus: ids, centroid in level-0 px and µm, area, class, score and features.
+
+    ``pixels`` is the RGB tile the nucleus was found in, with its top-left model
+    pixel at ``origin``; without it the colour features are NaN.
+    """
+    from .features import nucleus_features
+
+    rgb = None
+    if pixels is not None:
+        x0, y0 = n.box[0] - origin[0], n.box[1] - origin[1]
+        rgb = pixels[y0 : y0 + n.mask.shape[0], x0 : x0 + n.mask.shape[1]]
+        if rgb.shape[:2] != n.mask.shape:
+            rgb = None
+    feats = nucleus_features(n.mask, rgb, geom.model_mpp)
     f = geom.level0_per_model_px
     cx, cy = n.centroid[0] * f, n.centroid[1] * f
     cls = card.classes[n.label] if 0 <= n.label < len(card.classes) else None
@@ -109,6 +124,7 @@ def nucleus_record(n: Nucleus, geom: Geometry, card: ModelCard) -> dict:
         "bbox_y0_px": round(n.box[1] * f, 2),
         "bbox_x1_px": round(n.box[2] * f, 2),
         "bbox_y1_px": round(n.box[3] * f, 2),
+        **{k: round(v, 4) for k, v in feats.items()},
     }
 
 
@@ -132,13 +148,8 @@ class GeoJSONWriter:
         if coords is None:
             return
         cls = self.card.classes[n.label] if 0 <= n.label < len(self.card.classes) else None
-        measurements = {
-            "nucleus_id": n.id,
-            "score": record["score"],
-            "area_um2": record["area_um2"],
-            "centroid_x_um": record["centroid_x_um"],
-            "centroid_y_um": record["centroid_y_um"],
-        }
+        measurements = {"nucleus_id": n.id}
+        measurements.update({k: record[k] for k in MEASUREMENT_COLUMNS if k in record})
         measurements = {k: v for k, v in measurements.items() if isinstance(v, (int, float)) and math.isfinite(v)}
         feature = {
             "type": "Feature",
@@ -177,7 +188,9 @@ class GeoJSONWriter:
 
 # ------------------------------------------------------------------------ table
 TABLE_COLUMNS = ["id", "uuid", "centroid_x_px", "centroid_y_px", "centroid_x_um", "centroid_y_um", "area_um2",
-                 "class_id", "class_name", "score", "bbox_x0_px", "bbox_y0_px", "bbox_x1_px", "bbox_y1_px"]
+                 "class_id", "class_name", "score", "bbox_x0_px", "bbox_y0_px", "bbox_x1_px", "bbox_y1_px",
+                 *FEATURE_COLUMNS]
+MEASUREMENT_COLUMNS = ["score", "area_um2", "centroid_x_um", "centroid_y_um", *FEATURE_COLUMNS]
 
 
 class TableWriter:
@@ -206,6 +219,7 @@ class TableWriter:
             ("area_um2", pa.float64()), ("class_id", pa.int16()), ("class_name", pa.string()),
             ("score", pa.float32()), ("bbox_x0_px", pa.float64()), ("bbox_y0_px", pa.float64()),
             ("bbox_x1_px", pa.float64()), ("bbox_y1_px", pa.float64()),
+            *[(c, pa.float32()) for c in FEATURE_COLUMNS],
         ])
 
     def write(self, record: dict) -> None:

@@ -40,6 +40,8 @@ class SegmentOptions:
     zarr_image_downsample: int = 4
     progress: bool = True
     overwrite: bool = False
+    stats: bool = True
+    density_cell_um: float = 100.0
 
 
 class OutputExistsError(FileExistsError):
@@ -145,6 +147,14 @@ def segment_slide(slide_path: str | os.PathLike, predictor: Predictor, out_dir: 
     try:
         summary = _run(Path(slide_path), predictor, tmp_dir, o, writers)
         (tmp_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        if o.stats:
+            from .stats import write_stats
+
+            t0 = time.perf_counter()
+            write_stats(tmp_dir, cell_um=o.density_cell_um)
+            summary["timings_s"]["stats"] = round(time.perf_counter() - t0, 3)
+            summary["outputs"]["stats"] = "stats"
+            (tmp_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         if out_dir.exists():
             shutil.rmtree(out_dir)
         os.replace(tmp_dir, out_dir)
@@ -208,7 +218,7 @@ def _run(slide_path: Path, predictor: Predictor, tmp_dir: Path, o: SegmentOption
             kept = stitcher.add(tile, det)
             t0 = sink_timer.add("stitch", t0)
             for n in kept:
-                rec = nucleus_record(n, geom, card)
+                rec = nucleus_record(n, geom, card, px, (tile.x, tile.y))
                 tw.write(rec)
                 if gj is not None:
                     gj.write(n, rec)
@@ -280,6 +290,7 @@ def _run(slide_path: Path, predictor: Predictor, tmp_dir: Path, o: SegmentOption
         "tissue_area_mm2": round(tissue_mm2, 5),
         "nuclei": n_nuclei,
         "nuclei_per_class": {c.name: int(k) for c, k in zip(card.classes, per_class)},
+        "classes": [{"name": c.name, "color": list(c.color)} for c in card.classes],
         "nuclei_per_mm2": round(n_nuclei / tissue_mm2, 2) if tissue_mm2 > 0 else None,
         "dropped_oversize": stitcher.dropped_oversize,
         "timings_s": {k: round(v, 3) for k, v in timer.totals.items()},

@@ -286,13 +286,13 @@ class TiffSlideSlide(Slide):
 
     Regions of tiled, interleaved RGB(A) levels are assembled from the file's
     own tiles, decoded by imagecodecs in the calling thread and kept in a
-    shared LRU cache of ``cache_bytes``, so overlapping tiles decode each
+    shared LRU cache of ``cache_bytes`` (64 MiB), so overlapping tiles decode each
     file tile once and reads scale across threads. Other layouts go through
     tiffslide.
     """
 
     backend_name = "tiffslide"
-    cache_bytes = 256 * 2**20
+    cache_bytes = 64 * 2**20
 
     def _open_handle(self) -> Any:
         import tiffslide

@@ -1,0 +1,394 @@
+"""Slide-level nucleus statistics, streamed over the per-nucleus table.
+
+Memory does not grow with the number of nuclei: the table is read in record
+batches and every statistic is kept as a fixed-size accumulator (counts, sums,
+fine histograms for quantiles, a density grid).
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import io
+import json
+import math
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .features import FEATURE_COLUMNS
+
+QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
+BINS = 4096
+# Histogram ranges; values outside are counted in the end bins (min and max stay exact).
+RANGES: dict[str, tuple[float, float]] = {
+    "area_um2": (0.0, 500.0), "perimeter_um": (0.0, 200.0), "equivalent_diameter_um": (0.0, 50.0),
+    "major_axis_um": (0.0, 60.0), "minor_axis_um": (0.0, 50.0), "eccentricity": (0.0, 1.0),
+    "solidity": (0.0, 1.0), "circularity": (0.0, 1.0), "orientation_deg": (-90.0, 90.0),
+    "mean_r": (0.0, 255.0), "mean_g": (0.0, 255.0), "mean_b": (0.0, 255.0),
+    "hematoxylin_od": (0.0, 2.0), "eosin_od": (0.0, 2.0), "score": (0.0, 1.0),
+}
+STAT_FEATURES = ["area_um2", *FEATURE_COLUMNS, "score"]
+
+
+@dataclass
+class FeatureAccumulator:
+    """Count, mean, std, min, max and histogram quantiles of one feature, fed in batches."""
+
+    lo: float
+    hi: float
+    hist: np.ndarray = field(default_factory=lambda: np.zeros(BINS, np.int64))
+    n: int = 0
+    total: float = 0.0
+    total_sq: float = 0.0
+    vmin: float = math.inf
+    vmax: float = -math.inf
+
+    def add(self, values: np.ndarray) -> None:
+        v = values[np.isfinite(values)].astype(np.float64)
+        if v.size == 0:
+            return
+        self.n += v.size
+        self.total += float(v.sum())
+        self.total_sq += float((v * v).sum())
+        self.vmin = min(self.vmin, float(v.min()))
+        self.vmax = max(self.vmax, float(v.max()))
+        idx = np.clip(((v - self.lo) / (self.hi - self.lo) * BINS).astype(np.int64), 0, BINS - 1)
+        self.hist += np.bincount(idx, minlength=BINS)
+
+    def quantile(self, q: float) -> float:
+        """The q-quantile, exact to one bin width ((hi - lo) / BINS) inside the range."""
+        if self.n == 0:
+            return float("nan")
+        cum = np.cumsum(self.hist)
+        target = q * self.n
+        b = int(np.searchsorted(cum, target, side="left"))
+        b = min(b, BINS - 1)
+        before = cum[b - 1] if b > 0 else 0
+        frac = (target - before) / self.hist[b] if self.hist[b] else 0.0
+        width = (self.hi - self.lo) / BINS
+        val = self.lo + (b + frac) * width
+        return float(min(max(val, self.vmin), self.vmax))
+
+    def summary(self) -> dict[str, float]:
+        if self.n == 0:
+            return {"count": 0}
+        mean = self.total / self.n
+        var = max(self.total_sq / self.n - mean * mean, 0.0)
+        out = {"count": self.n, "mean": mean, "std": math.sqrt(var), "min": self.vmin, "max": self.vmax}
+        for q in QUANTILES:
+            out[f"q{int(round(q * 100)):02d}"] = self.quantile(q)
+        return out
+
+
+@dataclass
+class SlideStats:
+    """Accumulates the statistics of one slide from table batches."""
+
+    class_names: list[str]
+    tissue_area_mm2: float | None
+    extent_um: tuple[float, float] | None  # slide width, height in µm
+    cell_um: float = 100.0
+
+    def __post_init__(self) -> None:
+        self.counts = np.zeros(len(self.class_names) + 1, np.int64)  # index 0: unknown class
+        self.acc = {c: {f: FeatureAccumulator(*RANGES[f]) for f in STAT_FEATURES} for c in ["all", *self.class_names]}
+        self.rows = 0
+        if self.extent_um:
+            gw = max(1, math.ceil(self.extent_um[0] / self.cell_um))
+            gh = max(1, math.ceil(self.extent_um[1] / self.cell_um))
+            self.density = np.zeros((len(self.class_names) + 1, gh, gw), np.int64)
+        else:
+            self.density = None
+
+    def add(self, batch: dict[str, np.ndarray]) -> None:
+        cls = np.asarray(batch["class_id"], np.int64)
+        cls = np.where((cls >= 1) & (cls <= len(self.class_names)), cls, 0)
+        self.rows += len(cls)
+        self.counts += np.bincount(cls, minlength=len(self.counts))
+        for f in STAT_FEATURES:
+            if f not in batch:
+                continue
+            v = np.asarray(batch[f], np.float64)
+            self.acc["all"][f].add(v)
+            for i, name in enumerate(self.class_names, start=1):
+                sel = cls == i
+                if sel.any():
+                    self.acc[name][f].add(v[sel])
+        if self.density is not None:
+            gh, gw = self.density.shape[1:]
+            gx = np.clip((np.asarray(batch["centroid_x_um"]) / self.cell_um).astype(np.int64), 0, gw - 1)
+            gy = np.clip((np.asarray(batch["centroid_y_um"]) / self.cell_um).astype(np.int64), 0, gh - 1)
+            np.add.at(self.density, (cls, gy, gx), 1)
+
+    def density_per_mm2(self) -> np.ndarray:
+        """(classes + 1, gh, gw): layer 0 all nuclei, then one layer per class, in nuclei per mm² of grid cell."""
+        cell_mm2 = (self.cell_um / 1000.0) ** 2
+        d = self.density.astype(np.float32) / cell_mm2
+        return np.concatenate([d.sum(axis=0, keepdims=True), d[1:]], axis=0)
+
+    def summary(self) -> dict:
+        total = int(self.counts.sum())
+        per_class = {}
+        for i, name in enumerate(self.class_names, start=1):
+            n = int(self.counts[i])
+            per_class[name] = {
+                "count": n,
+                "fraction": n / total if total else 0.0,
+                "density_per_mm2": n / self.tissue_area_mm2 if self.tissue_area_mm2 else None,
+            }
+        return {
+            "nuclei": total,
+            "unknown_class": int(self.counts[0]),
+            "tissue_area_mm2": self.tissue_area_mm2,
+            "density_per_mm2": total / self.tissue_area_mm2 if self.tissue_area_mm2 else None,
+            "classes": per_class,
+            "features": {c: {f: a.summary() for f, a in feats.items()} for c, feats in self.acc.items()},
+        }
+
+
+def iter_table(path: str | os.PathLike, columns: Sequence[str], batch_rows: int = 262_144) -> Iterator[dict]:
+    """Batches of a Parquet or CSV nucleus table as dicts of numpy arrays, one batch in memory at a time."""
+    path = str(path)
+    if path.endswith(".csv"):
+        import pyarrow.csv as pcsv
+
+        reader = pcsv.open_csv(path, read_options=pcsv.ReadOptions(block_size=1 << 24),
+                               convert_options=pcsv.ConvertOptions(include_columns=list(columns),
+                                                                   include_missing_columns=True))
+        for rb in reader:
+            yield {c: rb.column(c).to_numpy(zero_copy_only=False) for c in columns}
+    else:
+        import pyarrow.parquet as pq
+
+        pf = pq.ParquetFile(path)
+        have = [c for c in columns if c in pf.schema_arrow.names]
+        for rb in pf.iter_batches(batch_size=batch_rows, columns=have):
+            yield {c: rb.column(c).to_numpy(zero_copy_only=False) for c in have}
+
+
+def compute_stats(table: str | os.PathLike, class_names: list[str], tissue_area_mm2: float | None,
+                  extent_um: tuple[float, float] | None, cell_um: float = 100.0,
+                  batch_rows: int = 262_144) -> SlideStats:
+    """Stream the table once into a :class:`SlideStats`."""
+    st = SlideStats(class_names, tissue_area_mm2, extent_um, cell_um)
+    cols = ["class_id", "centroid_x_um", "centroid_y_um", *STAT_FEATURES]
+    for batch in iter_table(table, cols, batch_rows):
+        st.add(batch)
+    return st
+
+
+# ----------------------------------------------------------------------- files
+def summary_rows(summary: dict) -> list[dict]:
+    """One CSV row per class (and 'all'): count, fraction, density, then every feature's statistics."""
+    rows = []
+    for name in ["all", *summary["classes"]]:
+        if name == "all":
+            row = {"class": "all", "count": summary["nuclei"], "fraction": 1.0 if summary["nuclei"] else 0.0,
+                   "density_per_mm2": summary["density_per_mm2"]}
+        else:
+            c = summary["classes"][name]
+            row = {"class": name, "count": c["count"], "fraction": c["fraction"],
+                   "density_per_mm2": c["density_per_mm2"]}
+        row["tissue_area_mm2"] = summary["tissue_area_mm2"]
+        for f, s in summary["features"][name].items():
+            for k, v in s.items():
+                if k != "count":
+                    row[f"{f}_{k}"] = v
+        rows.append(row)
+    return rows
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    return buf.getvalue()
+
+
+def _plots(st: SlideStats, colors: dict[str, tuple[int, int, int]]) -> dict[str, bytes]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = {}
+    feats = ["area_um2", "circularity", "eccentricity", "hematoxylin_od", "eosin_od", "equivalent_diameter_um"]
+    fig, axes = plt.subplots(2, 3, figsize=(12, 6.5))
+    for ax, f in zip(axes.ravel(), feats):
+        lo, hi = RANGES[f]
+        centres = lo + (np.arange(BINS) + 0.5) * (hi - lo) / BINS
+        for name in st.class_names:
+            a = st.acc[name][f]
+            if a.n == 0:
+                continue
+            coarse = a.hist.reshape(128, -1).sum(axis=1) / a.n
+            c = np.asarray(colors.get(name, (80, 80, 80))) / 255
+            ax.step(centres.reshape(128, -1).mean(axis=1), coarse, where="mid", color=c, label=f"{name} ({a.n})")
+        ax.set_title(f)
+        ax.set_ylabel("fraction")
+        if st.acc["all"][f].n:
+            ax.set_xlim(lo, min(hi, st.acc["all"][f].quantile(0.995) * 1.2 if f != "orientation_deg" else hi))
+    axes[0, 0].legend(fontsize=8)
+    fig.tight_layout()
+    out["histograms.png"] = _png(fig)
+    plt.close(fig)
+    if st.density is not None:
+        d = st.density_per_mm2()
+        n = d.shape[0]
+        fig, axes = plt.subplots(1, n, figsize=(4 * n, 4), squeeze=False)
+        for i, ax in enumerate(axes[0]):
+            im = ax.imshow(d[i], cmap="magma", interpolation="nearest")
+            ax.set_title("all nuclei" if i == 0 else st.class_names[i - 1])
+            ax.axis("off")
+            fig.colorbar(im, ax=ax, fraction=0.046, label=f"nuclei / mm² ({st.cell_um:g} µm cells)")
+        fig.tight_layout()
+        out["density.png"] = _png(fig)
+        plt.close(fig)
+    return out
+
+
+def overlay_thumbnail(zarr_path: str | os.PathLike, colors: list[tuple[int, int, int]], max_side: int = 1200):
+    """RGB preview of the slide with nuclei tinted by class, read from the run's OME-Zarr."""
+    import cv2
+    import zarr
+
+    root = zarr.open_group(str(zarr_path), mode="r")
+    ms = root.attrs["ome"]["multiscales"][0]["datasets"]
+    level = 0
+    for i, _ in enumerate(ms):
+        if max(root[str(i)].shape[1:]) >= max_side:
+            level = i
+    img = np.moveaxis(root[str(level)][:], 0, -1).copy()
+    scale_img = ms[level]["coordinateTransformations"][0]["scale"][1]
+    lab_ds = root["labels/classes"].attrs["ome"]["multiscales"][0]["datasets"]
+    scales = [d["coordinateTransformations"][0]["scale"][1] for d in lab_ds]
+    li = int(np.argmin([abs(math.log(s / scale_img)) for s in scales]))
+    cls = root[f"labels/classes/{li}"][0]
+    cls = cv2.resize(cls, (img.shape[1], img.shape[0]), interpolation=cv2.INTER_NEAREST)
+    out = img.astype(np.float32)
+    for i, c in enumerate(colors, start=1):
+        m = cls == i
+        out[m] = 0.45 * out[m] + 0.55 * np.asarray(c, np.float32)
+    return out.clip(0, 255).astype(np.uint8)
+
+
+def write_stats(out_dir: str | os.PathLike, cell_um: float = 100.0) -> dict:
+    """Compute and write the statistics of a ``wsiseg segment`` output folder into ``<out_dir>/stats``.
+
+    Writes summary.json, summary.csv, density.zarr, density.png, histograms.png and report.html.
+    """
+    out_dir = Path(out_dir)
+    sp = out_dir / "summary.json"
+    if not sp.is_file():
+        raise FileNotFoundError(f"{out_dir}: not a wsiseg output folder (no summary.json)")
+    run = json.loads(sp.read_text())
+    tables = sorted(out_dir.glob("*.nuclei.parquet")) + sorted(out_dir.glob("*.nuclei.csv"))
+    if not tables:
+        raise FileNotFoundError(f"{out_dir}: no nucleus table (*.nuclei.parquet or *.nuclei.csv)")
+    classes = run.get("classes") or [{"name": n, "color": [128, 128, 128]} for n in run["nuclei_per_class"]]
+    names = [c["name"] for c in classes]
+    colors = {c["name"]: tuple(c["color"]) for c in classes}
+    w, h = run["slide_dimensions"]
+    mpp = run["slide_mpp"]
+    st = compute_stats(tables[0], names, run.get("tissue_area_mm2"), (w * mpp, h * mpp), cell_um)
+    summary = st.summary()
+    summary.update({"slide": run["slide"], "model": run["model"], "density_cell_um": cell_um})
+    return _write_artifacts(out_dir, run, st, summary, colors)
+
+
+def _write_artifacts(out_dir: Path, run: dict, st: SlideStats, summary: dict, colors: dict) -> dict:
+    import zarr
+
+    stats_dir = out_dir / "stats"
+    tmp = out_dir / "stats.partial"
+    if tmp.exists():
+        import shutil
+
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    (tmp / "summary.json").write_text(json.dumps(summary, indent=2))
+    rows = summary_rows(summary)
+    with open(tmp / "summary.csv", "w", newline="") as f:
+        wr = csv.DictWriter(f, fieldnames=list(rows[0]))
+        wr.writeheader()
+        wr.writerows(rows)
+    images = _plots(st, colors)
+    if st.density is not None:
+        d = st.density_per_mm2()
+        g = zarr.open_group(str(tmp / "density.zarr"), mode="w", zarr_format=3)
+        a = g.create_array("0", shape=d.shape, chunks=d.shape, dtype="float32", dimension_names=("c", "y", "x"))
+        a[:] = d
+        g.attrs["ome"] = {"version": "0.5", "multiscales": [{
+            "name": "nuclei per mm²", "axes": [{"name": "c", "type": "channel"},
+                                               {"name": "y", "type": "space", "unit": "micrometer"},
+                                               {"name": "x", "type": "space", "unit": "micrometer"}],
+            "datasets": [{"path": "0", "coordinateTransformations": [
+                {"type": "scale", "scale": [1.0, st.cell_um, st.cell_um]}]}]}]}
+        g.attrs["wsiseg"] = {"channels": ["all", *st.class_names], "unit": "nuclei per mm²", "cell_um": st.cell_um}
+    zarrs = sorted(out_dir.glob("*.ome.zarr"))
+    if zarrs:
+        import cv2
+
+        thumb = overlay_thumbnail(zarrs[0], [colors[n] for n in st.class_names])
+        ok, png = cv2.imencode(".png", cv2.cvtColor(thumb, cv2.COLOR_RGB2BGR))
+        images["overlay.png"] = png.tobytes()
+    for name, data in images.items():
+        (tmp / name).write_bytes(data)
+    (tmp / "report.html").write_text(_report_html(run, summary, rows, images, colors))
+    if stats_dir.exists():
+        import shutil
+
+        shutil.rmtree(stats_dir)
+    os.replace(tmp, stats_dir)
+    return summary
+
+
+def _report_html(run: dict, summary: dict, rows: list[dict], images: dict[str, bytes], colors: dict) -> str:
+    from html import escape
+
+    def img(name: str, alt: str) -> str:
+        if name not in images:
+            return ""
+        b64 = base64.b64encode(images[name]).decode()
+        return f'<figure><img alt="{escape(alt)}" src="data:image/png;base64,{b64}"><figcaption>{escape(alt)}</figcaption></figure>'
+
+    def fmt(v) -> str:
+        if v is None:
+            return "–"
+        if isinstance(v, float):
+            return f"{v:.3g}" if abs(v) < 1000 else f"{v:,.0f}"
+        return escape(str(v))
+
+    cols = ["class", "count", "fraction", "density_per_mm2", "area_um2_q50", "area_um2_q05", "area_um2_q95",
+            "circularity_q50", "eccentricity_q50", "hematoxylin_od_q50", "eosin_od_q50"]
+    head = "".join(f"<th>{escape(c)}</th>" for c in cols)
+    body = ""
+    for r in rows:
+        sw = colors.get(r["class"])
+        chip = (f'<span class="chip" style="background:rgb{tuple(sw)}"></span>' if sw else "")
+        body += "<tr>" + "".join(
+            f"<td>{chip if c == 'class' else ''}{fmt(r.get(c))}</td>" for c in cols) + "</tr>"
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>wsiseg report: {escape(Path(run['slide']).name)}</title>
+<style>
+body{{font-family:system-ui,sans-serif;margin:2em;max-width:1200px;color:#222}}
+table{{border-collapse:collapse;margin:1em 0}}td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}
+td:first-child,th:first-child{{text-align:left}}.chip{{display:inline-block;width:.8em;height:.8em;margin-right:.4em}}
+img{{max-width:100%}}figure{{margin:1em 0}}dl{{display:grid;grid-template-columns:max-content auto;gap:2px 1em}}
+</style></head><body>
+<h1>{escape(Path(run['slide']).name)}</h1>
+<dl><dt>nuclei</dt><dd>{summary['nuclei']:,}</dd>
+<dt>tissue area</dt><dd>{fmt(summary['tissue_area_mm2'])} mm²</dd>
+<dt>density</dt><dd>{fmt(summary['density_per_mm2'])} nuclei / mm² of tissue</dd>
+<dt>model</dt><dd>{escape(str(run['model']))} at {fmt(run.get('model_mpp'))} µm/px</dd>
+<dt>run time</dt><dd>{fmt(run.get('wall_s'))} s</dd></dl>
+<h2>Summary by class</h2><table><tr>{head}</tr>{body}</table>
+<p>Full statistics (quantiles of every feature per class): <code>summary.csv</code>, <code>summary.json</code>.</p>
+<h2>Slide</h2>{img('overlay.png', 'Slide preview with nuclei tinted by class')}
+<h2>Density</h2>{img('density.png', 'Nuclei per mm² on a grid')}
+<h2>Distributions</h2>{img('histograms.png', 'Feature distributions by class')}
+</body></html>
+"""
