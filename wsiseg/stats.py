@@ -151,7 +151,10 @@ class SlideStats:
 
 
 def iter_table(path: str | os.PathLike, columns: Sequence[str], batch_rows: int = 262_144) -> Iterator[dict]:
-    """Batches of a Parquet or CSV nucleus table as dicts of numpy arrays, one batch in memory at a time."""
+    """Batches of a Parquet or CSV nucleus table as dicts of numpy arrays.
+
+    Memory holds one Parquet row group (or one CSV block) at a time.
+    """
     path = str(path)
     if path.endswith(".csv"):
         import pyarrow.csv as pcsv
@@ -166,8 +169,12 @@ def iter_table(path: str | os.PathLike, columns: Sequence[str], batch_rows: int 
 
         pf = pq.ParquetFile(path)
         have = [c for c in columns if c in pf.schema_arrow.names]
-        for rb in pf.iter_batches(batch_size=batch_rows, columns=have):
-            yield {c: rb.column(c).to_numpy(zero_copy_only=False) for c in have}
+        # one row group at a time: iter_batches pre-buffers far ahead and grows with the file
+        for i in range(pf.num_row_groups):
+            t = pf.read_row_group(i, columns=have)
+            for rb in t.to_batches(max_chunksize=batch_rows):
+                yield {c: rb.column(c).to_numpy(zero_copy_only=False) for c in have}
+            del t
 
 
 def compute_stats(table: str | os.PathLike, class_names: list[str], tissue_area_mm2: float | None,
