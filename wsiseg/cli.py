@@ -136,6 +136,35 @@ def cmd_segment(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_batch(args: argparse.Namespace) -> int:
+    from .batch import collect_slides, run_batch, summarize
+    from .pipeline import SegmentOptions
+
+    model = args.model or default_model_path()
+    if model is None:
+        raise ValueError("no default model is bundled with this installation yet; "
+                         "pass --model PATH.safetensors, or --model threshold for the classical baseline")
+    slides = collect_slides(args.slides)
+    if not slides:
+        raise ValueError(f"no slides found in {' '.join(args.slides)}")
+    tissue = args.region or ("whole" if args.whole_slide else "detect")
+    opts = SegmentOptions(mpp=args.mpp, backend=args.backend, tissue=tissue, tile_size=args.tile_size,
+                          overlap=args.overlap, batch_size=args.batch_size, workers=args.read_workers,
+                          on_oversize=args.on_oversize, geojson=args.geojson, table=args.table,
+                          zarr=not args.no_zarr, stats=not args.no_stats)
+
+    def report(name: str, entry: dict) -> None:
+        extra = f"{entry.get('nuclei')} nuclei" if entry["status"] == "done" else (entry.get("error") or entry.get("reason"))
+        print(f"[{entry['status']}] {name}: {extra} ({entry.get('wall_s', 0):.1f} s)", flush=True)
+
+    manifest = run_batch(slides, args.out, model, opts, workers=args.workers, scheduler=args.scheduler,
+                         device=args.device, precision=args.precision, on_result=report)
+    counts = summarize(manifest)
+    print(", ".join(f"{v} {k}" for k, v in sorted(counts.items())))
+    print(f"manifest: {Path(args.out) / 'manifest.json'}\ncohort:   {Path(args.out) / 'cohort.csv'}")
+    return 0 if counts.get("failed", 0) == 0 else 1
+
+
 def cmd_stats(args: argparse.Namespace) -> int:
     from .stats import write_stats
 
@@ -181,6 +210,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-stats", action="store_true", help="skip the slide statistics and report")
     p.add_argument("--density-cell-um", type=float, default=100.0, help="density map cell size in µm")
     p.set_defaults(func=cmd_segment)
+
+    p = sub.add_parser("batch", help="segment many slides, resumably, on this machine or a Dask cluster")
+    p.add_argument("slides", nargs="+", help="slide files, folders, glob patterns or .txt lists of paths")
+    p.add_argument("--out", required=True, help="output folder: one subfolder per slide, manifest.json, cohort.csv")
+    p.add_argument("--model", default=None, help="model .safetensors (default: the bundled model), or 'threshold'")
+    p.add_argument("--workers", type=int, default=1, help="parallel slide workers (a Dask LocalCluster when > 1)")
+    p.add_argument("--scheduler", default=None, help="address of an existing Dask distributed scheduler")
+    p.add_argument("--mpp", type=float, default=None, help="level-0 microns per pixel for slides without one")
+    p.add_argument("--backend", default="auto", choices=["auto", "openslide", "tiffslide", "image"])
+    p.add_argument("--region", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--whole-slide", action="store_true", help="analyse whole slides, skipping tissue detection")
+    p.add_argument("--tile-size", type=int, default=None)
+    p.add_argument("--overlap", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--read-workers", type=int, default=2, help="tile reader threads per slide")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    p.add_argument("--on-oversize", default="error", choices=["error", "drop"])
+    p.add_argument("--geojson", default="geojson.gz", choices=["geojson", "geojson.gz", "none"])
+    p.add_argument("--table", default="parquet", choices=["parquet", "csv"])
+    p.add_argument("--no-zarr", action="store_true")
+    p.add_argument("--no-stats", action="store_true")
+    p.set_defaults(func=cmd_batch)
 
     p = sub.add_parser("stats", help="slide statistics and report of a segment output folder")
     p.add_argument("outdir", help="folder written by wsiseg segment")

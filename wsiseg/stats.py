@@ -238,7 +238,8 @@ def _plots(st: SlideStats, colors: dict[str, tuple[int, int, int]]) -> dict[str,
         ax.set_ylabel("fraction")
         if st.acc["all"][f].n:
             ax.set_xlim(lo, min(hi, st.acc["all"][f].quantile(0.995) * 1.2 if f != "orientation_deg" else hi))
-    axes[0, 0].legend(fontsize=8)
+    if axes[0, 0].get_legend_handles_labels()[0]:
+        axes[0, 0].legend(fontsize=8)
     fig.tight_layout()
     out["histograms.png"] = _png(fig)
     plt.close(fig)

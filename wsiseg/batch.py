@@ -1,0 +1,252 @@
+"""Many slides: serially with the model loaded once, or on a Dask distributed cluster.
+
+Each slide is segmented into ``<out>/<name>/`` through ``segment_slide``, which
+writes under ``<name>.partial`` and renames only when complete. The manifest
+(``<out>/manifest.json``, rewritten atomically by the driver alone) records the
+status, reason, timings, nuclei and checksums of every slide; a rerun skips
+slides that are done and whose outputs are present, and redoes the rest.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+
+from .pipeline import SegmentOptions
+
+SLIDE_SUFFIXES = {".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif", ".dcm",
+                  ".png", ".jpg", ".jpeg"}
+MANIFEST = "manifest.json"
+
+_PREDICTORS: dict = {}
+
+
+def collect_slides(inputs: Sequence[str]) -> list[Path]:
+    """Slides named by files, folders (their slide files), glob patterns or list files (one path a line)."""
+    found: list[Path] = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            found += sorted(q for q in p.iterdir() if q.is_file() and q.suffix.lower() in SLIDE_SUFFIXES)
+        elif p.is_file() and p.suffix.lower() in {".txt", ".lst", ".list"}:
+            base = p.parent
+            for line in p.read_text().splitlines():
+                line = line.strip()
+                if line and not line.startswith("#"):
+                    q = Path(line)
+                    found.append(q if q.is_absolute() else base / q)
+        elif p.is_file():
+            found.append(p)
+        else:
+            matches = sorted(glob.glob(item, recursive=True))
+            if not matches:
+                raise FileNotFoundError(f"{item}: no such file, folder or matching slides")
+            found += [Path(m) for m in matches if Path(m).is_file()]
+    unique, seen = [], set()
+    for f in found:
+        key = os.path.abspath(f)
+        if key not in seen:
+            seen.add(key)
+            unique.append(f)
+    return unique
+
+
+def output_names(slides: Sequence[Path]) -> dict[str, Path]:
+    """A distinct output folder name for every slide: its stem, with a short path hash where stems collide."""
+    stems: dict[str, int] = {}
+    for s in slides:
+        stems[s.stem] = stems.get(s.stem, 0) + 1
+    names = {}
+    for s in slides:
+        name = s.stem
+        if stems[s.stem] > 1:
+            name += "-" + hashlib.sha1(os.path.abspath(s).encode()).hexdigest()[:8]
+        names[name] = s
+    return names
+
+
+def _predictor(model: str, device: str, precision: str):
+    """The worker's predictor, loaded once per process."""
+    from .inference import load_predictor
+
+    key = (model, device, precision)
+    if key not in _PREDICTORS:
+        _PREDICTORS[key] = load_predictor(model, device=device, precision=precision)
+    return _PREDICTORS[key]
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def process_slide(slide: str, out_dir: str, model: str, options: dict, device: str = "auto",
+                  precision: str = "auto") -> dict:
+    """Segment one slide; never raises for a bad slide, returns its manifest entry instead."""
+    from .slide import MppUnknownError, SlideError
+    from .pipeline import segment_slide
+
+    t0 = time.time()
+    entry = {"slide": str(slide), "output": str(out_dir), "started": t0, "host": os.uname().nodename,
+             "pid": os.getpid()}
+    try:
+        opts = SegmentOptions(**{**options, "overwrite": True, "progress": False})
+        summary = segment_slide(slide, _predictor(model, device, precision), out_dir, opts)
+    except MppUnknownError as exc:
+        entry.update(status="failed", reason="no_mpp", error=str(exc))
+    except SlideError as exc:
+        entry.update(status="failed", reason="unreadable", error=str(exc))
+    except Exception as exc:  # a slide-specific failure must not stop the batch
+        entry.update(status="failed", reason=type(exc).__name__, error=str(exc))
+    else:
+        status = "done" if summary["tiles"] else "no_tissue"
+        entry.update(status=status, reason=None if status == "done" else "no tissue detected",
+                     nuclei=summary["nuclei"], tiles=summary["tiles"], tissue_area_mm2=summary["tissue_area_mm2"],
+                     nuclei_per_class=summary["nuclei_per_class"], timings_s=summary["timings_s"],
+                     checksums={p.name: _sha256(p) for p in sorted(Path(out_dir).iterdir())
+                                if p.is_file() and p.name != "summary.json"})
+    entry["finished"] = time.time()
+    entry["wall_s"] = round(entry["finished"] - t0, 3)
+    return entry
+
+
+def load_manifest(out: Path) -> dict:
+    p = out / MANIFEST
+    if not p.exists():
+        return {"version": 1, "slides": {}}
+    try:
+        return json.loads(p.read_text())
+    except ValueError as exc:
+        raise ValueError(f"{p}: manifest is not valid JSON ({exc}); move it away to start the batch afresh") from exc
+
+
+def save_manifest(out: Path, manifest: dict) -> None:
+    tmp = out / (MANIFEST + ".partial")
+    tmp.write_text(json.dumps(manifest, indent=2))
+    os.replace(tmp, out / MANIFEST)
+
+
+def is_complete(entry: dict | None, out_dir: Path) -> bool:
+    """Done (or validly empty) in the manifest, and its outputs are all there with their checksums' names."""
+    if not entry or entry.get("status") not in ("done", "no_tissue"):
+        return False
+    if not (out_dir / "summary.json").is_file():
+        return False
+    return all((out_dir / name).is_file() for name in entry.get("checksums", {}))
+
+
+def run_batch(slides: Sequence[Path], out: str | os.PathLike, model: str, options: SegmentOptions | None = None,
+              workers: int = 1, scheduler: str | None = None, device: str = "auto", precision: str = "auto",
+              client=None, on_result=None) -> dict:
+    """Segment ``slides`` into ``out``; returns the manifest.
+
+    ``workers == 1`` without a scheduler runs in this process. Otherwise the
+    slides go to a Dask cluster: ``client`` if given, else the scheduler at
+    ``scheduler``, else a new ``LocalCluster`` of ``workers`` processes. A
+    slide whose worker dies is retried on another worker.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    opts = asdict(options or SegmentOptions())
+    manifest = load_manifest(out)
+    names = output_names(list(slides))
+    todo = []
+    for name, slide in names.items():
+        entry = manifest["slides"].get(name)
+        if is_complete(entry, out / name) and entry["slide"] == str(slide):
+            continue
+        shutil.rmtree(out / (name + ".partial"), ignore_errors=True)
+        manifest["slides"][name] = {"slide": str(slide), "output": str(out / name), "status": "pending"}
+        todo.append(name)
+    save_manifest(out, manifest)
+
+    def record(name: str, entry: dict) -> None:
+        manifest["slides"][name] = entry
+        save_manifest(out, manifest)
+        if on_result is not None:
+            on_result(name, entry)
+
+    if todo and workers == 1 and scheduler is None and client is None:
+        for name in todo:
+            record(name, process_slide(str(names[name]), str(out / name), model, opts, device, precision))
+    elif todo:
+        _run_dask(todo, names, out, model, opts, workers, scheduler, device, precision, client, record)
+    write_cohort(out, manifest)
+    return manifest
+
+
+def _run_dask(todo, names, out, model, opts, workers, scheduler, device, precision, client, record) -> None:
+    from distributed import Client, LocalCluster, as_completed
+
+    own = None
+    if client is None:
+        if scheduler:
+            client = own = Client(scheduler)
+        else:
+            cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None)
+            client = own = Client(cluster)
+    try:
+        futures = {}
+        for name in todo:
+            f = client.submit(process_slide, str(names[name]), str(out / name), model, opts, device, precision,
+                              key=f"wsiseg-{name}-{time.time_ns()}", pure=False, retries=2)
+            futures[f] = name
+        for f in as_completed(futures):
+            name = futures[f]
+            try:
+                entry = f.result()
+            except Exception as exc:  # the worker died too often, or the task could not run
+                entry = {"slide": str(names[name]), "output": str(out / name), "status": "failed",
+                         "reason": type(exc).__name__, "error": str(exc)}
+                shutil.rmtree(out / (name + ".partial"), ignore_errors=True)
+            record(name, entry)
+    finally:
+        if own is not None:
+            cluster = getattr(own, "cluster", None)
+            own.close()
+            if cluster is not None and not scheduler:
+                cluster.close()
+
+
+def write_cohort(out: Path, manifest: dict) -> Path:
+    """``cohort.csv``: nuclei and density per slide and class (and 'all'), from each slide's summary."""
+    rows = []
+    for name, e in sorted(manifest["slides"].items()):
+        base = {"slide": name, "path": e.get("slide"), "status": e.get("status"), "reason": e.get("reason")}
+        if e.get("status") not in ("done", "no_tissue"):
+            rows.append({**base, "class": "all"})
+            continue
+        tissue = e.get("tissue_area_mm2") or 0.0
+        per = e.get("nuclei_per_class", {})
+        total = sum(per.values())
+        for cls, n in [("all", total), *per.items()]:
+            rows.append({**base, "class": cls, "nuclei": n, "tissue_area_mm2": tissue,
+                         "density_per_mm2": round(n / tissue, 3) if tissue else None,
+                         "fraction": round(n / total, 5) if total else None})
+    path = out / "cohort.csv"
+    tmp = out / "cohort.csv.partial"
+    fields = ["slide", "path", "status", "reason", "class", "nuclei", "tissue_area_mm2", "density_per_mm2", "fraction"]
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        w.writeheader()
+        w.writerows(rows)
+    os.replace(tmp, path)
+    return path
+
+
+def summarize(manifest: dict) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for e in manifest["slides"].values():
+        counts[e.get("status", "?")] = counts.get(e.get("status", "?"), 0) + 1
+    return counts
