@@ -1,0 +1,73 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from wsiseg.evaluation import aggregated_jaccard, coco_ap, dice, evaluate_images, panoptic_quality
+
+
+def two_squares():
+    gt = np.zeros((20, 20), int)
+    gt[0:10, 0:10] = 1  # 100 px
+    gt[10:20, 10:20] = 2  # 100 px
+    return gt
+
+
+def test_perfect_prediction():
+    gt = two_squares()
+    pred = gt * 7  # ids do not matter
+    r = panoptic_quality(gt, pred)
+    assert (r.pq, r.dq, r.sq, r.tp, r.fp, r.fn) == (1.0, 1.0, 1.0, 2, 0, 0)
+    assert aggregated_jaccard(gt, pred) == 1.0 and dice(gt, pred) == 1.0
+
+
+def test_hand_computed_case():
+    gt = two_squares()
+    pred = np.zeros_like(gt)
+    pred[0:10, 0:8] = 1  # 80 px inside gt 1: IoU 0.8
+    pred[10:20, 10:14] = 2  # 40 px inside gt 2: IoU 0.4, not a match
+    pred[0:3, 15:18] = 3  # 9 px false positive
+    r = panoptic_quality(gt, pred)
+    assert (r.tp, r.fp, r.fn) == (1, 2, 1)
+    assert r.dq == pytest.approx(1 / (1 + 0.5 * 2 + 0.5 * 1))
+    assert r.sq == pytest.approx(0.8)
+    assert r.pq == pytest.approx(0.8 / 2.5)
+    # AJI: C = 80 + 40, U = 100 + 100 (each gt with its best pred, both preds inside) + 9 (unused pred)
+    assert aggregated_jaccard(gt, pred) == pytest.approx(120 / 209)
+    assert dice(gt, pred) == pytest.approx(2 * 120 / (200 + 129))
+
+
+def test_empty_cases():
+    z = np.zeros((5, 5), int)
+    assert panoptic_quality(z, z).pq == 1.0
+    gt = two_squares()
+    assert panoptic_quality(gt, np.zeros_like(gt)).pq == 0.0
+    assert aggregated_jaccard(gt, np.zeros_like(gt)) == 0.0
+
+
+def test_coco_ap_perfect_and_shifted():
+    gt = two_squares()
+    assert coco_ap([gt], [gt])["AP"] == pytest.approx(1.0)
+    shifted = np.zeros_like(gt)
+    shifted[0:10, 0:8] = 1  # IoU 0.8
+    shifted[10:20, 10:20] = 2  # IoU 1
+    r = coco_ap([gt], [shifted], scores=[{1: 0.6, 2: 0.9}])
+    assert r["AP50"] == pytest.approx(1.0) and r["AP75"] == pytest.approx(1.0)
+    # IoU 0.8 passes 6 of the 10 thresholds; above them the exact nucleus, ranked first, gives precision 1 up to
+    # recall 0.5: 51 of the 101 recall points
+    assert r["AP"] == pytest.approx((6 * 1.0 + 4 * 51 / 101) / 10, abs=1e-6)
+
+
+def test_classes_accuracy_and_per_class_pq():
+    gt = two_squares()
+    pred = gt.copy()
+    res = evaluate_images([gt], [pred], gt_classes=[{1: 0, 2: 1}], pred_classes=[{1: 0, 2: 0}],
+                          class_names=["tumour", "immune"], with_coco=False)
+    assert res["classification_accuracy"] == 0.5
+    assert res["pq_per_class"]["tumour"] == pytest.approx(1 / 1.5)  # one TP, one FP
+    assert res["pq_per_class"]["immune"] == 0.0
+    assert res["f1"] == 1.0
+    # a GT nucleus with unknown class does not count for accuracy
+    res = evaluate_images([gt], [pred], gt_classes=[{1: 0}], pred_classes=[{1: 0, 2: 0}],
+                          class_names=["tumour", "immune"], with_coco=False)
+    assert res["classification_accuracy"] == 1.0

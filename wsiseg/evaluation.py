@@ -1,0 +1,183 @@
+"""Instance segmentation metrics: PQ (DQ, SQ), AJI, F1@0.5, Dice, COCO AP, per class."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+def _relabel(lab: np.ndarray) -> np.ndarray:
+    ids = np.unique(lab)
+    ids = ids[ids > 0]
+    lut = np.zeros(int(lab.max()) + 1, np.int64)
+    lut[ids] = np.arange(1, len(ids) + 1)
+    return lut[lab]
+
+
+def iou_matrix(gt: np.ndarray, pred: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Pairwise intersections and IoU of instances 1..n (gt) and 1..m (pred), after relabelling to consecutive ids.
+
+    Returns (iou (n, m), intersection (n, m), gt areas, pred areas) and the relabelled maps are implied.
+    """
+    g, p = _relabel(gt), _relabel(pred)
+    n, m = int(g.max()), int(p.max())
+    inter = np.zeros((n + 1, m + 1), np.int64)
+    np.add.at(inter, (g.ravel(), p.ravel()), 1)
+    ga, pa = inter.sum(1)[1:], inter.sum(0)[1:]
+    inter = inter[1:, 1:]
+    union = ga[:, None] + pa[None, :] - inter
+    iou = np.where(union > 0, inter / np.maximum(union, 1), 0.0)
+    return iou, inter, ga, pa
+
+
+@dataclass
+class PQResult:
+    pq: float
+    dq: float
+    sq: float
+    tp: int
+    fp: int
+    fn: int
+    pairs: list[tuple[int, int]]  # (gt index, pred index), 0-based after relabelling
+
+    @property
+    def f1(self) -> float:
+        return self.dq
+
+
+def panoptic_quality(gt: np.ndarray, pred: np.ndarray, iou_threshold: float = 0.5) -> PQResult:
+    """PQ = DQ x SQ with unique matching at IoU > 0.5 (Kirillov et al.; as HoVer-Net reports it)."""
+    iou, _, ga, pa = iou_matrix(gt, pred)
+    n, m = iou.shape
+    if iou_threshold >= 0.5:
+        gi, pi = np.nonzero(iou > iou_threshold)  # unique by construction above 0.5
+    else:
+        from scipy.optimize import linear_sum_assignment
+
+        gi, pi = linear_sum_assignment(-iou)
+        keep = iou[gi, pi] > iou_threshold
+        gi, pi = gi[keep], pi[keep]
+    tp = len(gi)
+    fp, fn = m - tp, n - tp
+    if tp + fp + fn == 0:
+        return PQResult(1.0, 1.0, 1.0, 0, 0, 0, [])
+    dq = tp / (tp + 0.5 * fp + 0.5 * fn)
+    sq = float(iou[gi, pi].mean()) if tp else 0.0
+    return PQResult(dq * sq, dq, sq, tp, fp, fn, list(zip(gi.tolist(), pi.tolist())))
+
+
+def aggregated_jaccard(gt: np.ndarray, pred: np.ndarray) -> float:
+    """AJI (Kumar et al. 2017): each GT nucleus joins its best-IoU prediction; unused predictions add to the union."""
+    iou, inter, ga, pa = iou_matrix(gt, pred)
+    n, m = iou.shape
+    if n == 0:
+        return 1.0 if m == 0 else 0.0
+    used = np.zeros(m, bool)
+    c = u = 0
+    for i in range(n):
+        if m and iou[i].max() > 0:
+            j = int(np.argmax(iou[i]))
+            c += inter[i, j]
+            u += ga[i] + pa[j] - inter[i, j]
+            used[j] = True
+        else:
+            u += ga[i]
+    u += pa[~used].sum()
+    return float(c / u) if u else 1.0
+
+
+def dice(gt: np.ndarray, pred: np.ndarray) -> float:
+    """Pixel-level Dice of foreground (any nucleus) against background."""
+    a, b = gt > 0, pred > 0
+    s = a.sum() + b.sum()
+    return float(2 * (a & b).sum() / s) if s else 1.0
+
+
+def coco_ap(gts: list[np.ndarray], preds: list[np.ndarray], scores: list[dict[int, float]] | None = None) -> dict:
+    """COCO mask AP, AP50, AP75 (pycocotools) over images of instance label maps (class-agnostic)."""
+    import contextlib
+    import io
+
+    from pycocotools import mask as mask_utils
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    images, anns, dets = [], [], []
+    aid = 1
+    for k, (g, p) in enumerate(zip(gts, preds)):
+        h, w = g.shape
+        images.append({"id": k, "height": h, "width": w})
+        for i in np.unique(g)[1:]:
+            rle = mask_utils.encode(np.asfortranarray((g == i).astype(np.uint8)))
+            rle["counts"] = rle["counts"].decode()
+            anns.append({"id": aid, "image_id": k, "category_id": 1, "segmentation": rle,
+                         "area": float((g == i).sum()), "bbox": list(mask_utils.toBbox(rle)), "iscrowd": 0})
+            aid += 1
+        for j in np.unique(p)[1:]:
+            rle = mask_utils.encode(np.asfortranarray((p == j).astype(np.uint8)))
+            rle["counts"] = rle["counts"].decode()
+            s = 1.0 if scores is None else float(scores[k].get(int(j), 1.0))
+            dets.append({"image_id": k, "category_id": 1, "segmentation": rle, "score": s})
+    if not anns:
+        return {"AP": float("nan"), "AP50": float("nan"), "AP75": float("nan")}
+    gt_coco = COCO()
+    gt_coco.dataset = {"images": images, "annotations": anns, "categories": [{"id": 1, "name": "nucleus"}]}
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt_coco.createIndex()
+        if not dets:
+            return {"AP": 0.0, "AP50": 0.0, "AP75": 0.0}
+        dt = gt_coco.loadRes(dets)
+        ev = COCOeval(gt_coco, dt, "segm")
+        ev.params.maxDets = [1, 100, 3000]
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    return {"AP": float(ev.stats[0]), "AP50": float(ev.stats[1]), "AP75": float(ev.stats[2])}
+
+
+def evaluate_images(gts: list[np.ndarray], preds: list[np.ndarray], gt_classes: list[dict[int, int]] | None = None,
+                    pred_classes: list[dict[int, int]] | None = None, class_names: list[str] | None = None,
+                    pred_scores: list[dict[int, float]] | None = None, with_coco: bool = True) -> dict:
+    """Mean per-image PQ/DQ/SQ/AJI/Dice, pooled F1@0.5, COCO AP; with classes, accuracy and PQ per class.
+
+    ``gt_classes[k]`` / ``pred_classes[k]`` map instance id -> 0-based class (GT ids absent: unknown class).
+    """
+    per = {"pq": [], "dq": [], "sq": [], "aji": [], "dice": []}
+    tp = fp = fn = 0
+    correct = total = 0
+    per_class_pq: dict[str, list[float]] = {n: [] for n in (class_names or [])}
+    for k, (g, p) in enumerate(zip(gts, preds)):
+        r = panoptic_quality(g, p)
+        per["pq"].append(r.pq)
+        per["dq"].append(r.dq)
+        per["sq"].append(r.sq)
+        per["aji"].append(aggregated_jaccard(g, p))
+        per["dice"].append(dice(g, p))
+        tp, fp, fn = tp + r.tp, fp + r.fp, fn + r.fn
+        if gt_classes is not None and pred_classes is not None and class_names:
+            gids = np.unique(g)
+            gids = gids[gids > 0]
+            pids = np.unique(p)
+            pids = pids[pids > 0]
+            for gi, pi in r.pairs:
+                gc = gt_classes[k].get(int(gids[gi]))
+                if gc is None:
+                    continue
+                total += 1
+                correct += int(pred_classes[k].get(int(pids[pi]), -1) == gc)
+            for c, name in enumerate(class_names):
+                gm = np.isin(g, [i for i in gids if gt_classes[k].get(int(i)) == c]) * g
+                pm = np.isin(p, [i for i in pids if pred_classes[k].get(int(i)) == c]) * p
+                if gm.max() == 0 and pm.max() == 0:
+                    continue
+                per_class_pq[name].append(panoptic_quality(gm, pm).pq)
+    out = {k: float(np.mean(v)) if v else float("nan") for k, v in per.items()}
+    out["f1"] = 2 * tp / (2 * tp + fp + fn) if (tp + fp + fn) else 1.0
+    out.update(tp=tp, fp=fp, fn=fn, images=len(gts))
+    if with_coco:
+        out.update(coco_ap(gts, preds, pred_scores))
+    if class_names and gt_classes is not None:
+        out["classification_accuracy"] = correct / total if total else float("nan")
+        out["pq_per_class"] = {n: float(np.mean(v)) if v else float("nan") for n, v in per_class_pq.items()}
+    return out
