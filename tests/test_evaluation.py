@@ -53,9 +53,9 @@ def test_coco_ap_perfect_and_shifted():
     shifted[10:20, 10:20] = 2  # IoU 1
     r = coco_ap([gt], [shifted], scores=[{1: 0.6, 2: 0.9}])
     assert r["AP50"] == pytest.approx(1.0) and r["AP75"] == pytest.approx(1.0)
-    # IoU 0.8 passes 6 of the 10 thresholds; above them the exact nucleus, ranked first, gives precision 1 up to
-    # recall 0.5: 51 of the 101 recall points
-    assert r["AP"] == pytest.approx((6 * 1.0 + 4 * 51 / 101) / 10, abs=1e-6)
+    # IoU 0.8 passes 7 of the 10 thresholds (0.5 ... 0.8, IoU >= threshold); above them the exact nucleus,
+    # ranked first, gives precision 1 up to recall 0.5: 51 of the 101 recall points
+    assert r["AP"] == pytest.approx((7 * 1.0 + 3 * 51 / 101) / 10, abs=1e-6)
 
 
 def test_classes_accuracy_and_per_class_pq():
