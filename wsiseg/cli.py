@@ -165,6 +165,39 @@ def cmd_batch(args: argparse.Namespace) -> int:
     return 0 if counts.get("failed", 0) == 0 else 1
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from .training import TrainConfig, train
+
+    cfg = TrainConfig.from_yaml(args.config)
+    if args.out:
+        cfg.out = args.out
+    if args.steps:
+        cfg.steps = args.steps
+    best = train(cfg)
+    print(json.dumps({k: v for k, v in best.items() if not isinstance(v, dict)}, indent=2))
+    print(f"best model: {Path(cfg.out) / 'best.safetensors'}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .model import load_model
+    from .training import InstanceFolder, validate
+
+    names = None
+    if args.split:
+        names = json.loads(Path(args.split).read_text())["val"]
+    elif args.names:
+        names = args.names
+    model, card = load_model(args.model)
+    data = InstanceFolder(args.data, names=names, class_names=card.class_names if len(card.classes) > 1 else None)
+    metrics = validate(model, card, data.samples, data.class_names if len(card.classes) > 1 else ["nucleus"])
+    text = json.dumps(metrics, indent=2)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text)
+    return 0
+
+
 def cmd_stats(args: argparse.Namespace) -> int:
     from .stats import write_stats
 
@@ -233,6 +266,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-zarr", action="store_true")
     p.add_argument("--no-stats", action="store_true")
     p.set_defaults(func=cmd_batch)
+
+    p = sub.add_parser("train", help="train a nucleus Mask R-CNN from a YAML config")
+    p.add_argument("config")
+    p.add_argument("--out", default=None, help="run folder (default: the config's)")
+    p.add_argument("--steps", type=int, default=None)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="PQ, AJI, F1, Dice, COCO AP (and per class) of a model on labelled images")
+    p.add_argument("--model", required=True)
+    p.add_argument("--data", required=True, help="folder with images/, labels/, optional classes.csv")
+    p.add_argument("--split", default=None, help="split.json of a training run: evaluate its validation images")
+    p.add_argument("--names", nargs="*", default=None, help="image names to evaluate")
+    p.add_argument("--out", default=None, help="write the metrics JSON here")
+    p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("stats", help="slide statistics and report of a segment output folder")
     p.add_argument("outdir", help="folder written by wsiseg segment")

@@ -100,3 +100,33 @@ class Stitcher:
             n.id = self.next_id
             self.next_id += 1
         return kept
+
+
+def segment_array(image: np.ndarray, predictor, tile_size: int, overlap: int, batch_size: int = 4,
+                  on_oversize: str = "drop") -> tuple[np.ndarray, dict[int, int], dict[int, float]]:
+    """Segment an in-memory RGB image at the model's resolution with the same tiling and stitching as slides.
+
+    Returns an instance label image, instance id -> 0-based class, and instance id -> score.
+    """
+    from .tiling import make_grid
+
+    h, w = image.shape[:2]
+    grid = make_grid(w, h, tile_size, overlap)
+    st = Stitcher(grid, on_oversize=on_oversize)
+    nuclei: list[Nucleus] = []
+    tiles = list(grid.tiles)
+    for i in range(0, len(tiles), batch_size):
+        batch = tiles[i : i + batch_size]
+        px = np.full((len(batch), tile_size, tile_size, 3), 255, np.uint8)
+        for k, t in enumerate(batch):
+            sub = image[t.y : t.y + tile_size, t.x : t.x + tile_size]
+            px[k, : sub.shape[0], : sub.shape[1]] = sub
+        for t, det in zip(batch, predictor.predict(px)):
+            nuclei.extend(st.add(t, det))
+    labels = np.zeros((h, w), np.int32)
+    for n in sorted(nuclei, key=lambda n: -n.score):
+        x0, y0, x1, y1 = n.box
+        view = labels[y0:min(y1, h), x0:min(x1, w)]
+        m = n.mask[: view.shape[0], : view.shape[1]] & (view == 0)
+        view[m] = n.id
+    return labels, {n.id: n.label for n in nuclei}, {n.id: n.score for n in nuclei}

@@ -1,0 +1,189 @@
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from wsiseg.training import (
+    PartialLabelRoIHeads, Sample, TrainConfig, apply_partial_mode, enable_partial_labels, hide_labels,
+    partial_fastrcnn_loss, partial_maskrcnn_loss, random_crop, split_names, train,
+)
+
+
+def _cls_inputs(seed=0, n=6, k=3):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(n, k + 1, generator=g, requires_grad=True)
+    box = torch.randn(n, 4 * (k + 1), generator=g, requires_grad=True)
+    labels = torch.tensor([0, 1, 2, 3, 1, 0])
+    targets = torch.randn(n, 4, generator=g)
+    return logits, box, labels, targets
+
+
+def test_unknown_class_adds_nothing_to_class_loss():
+    logits, box, labels, targets = _cls_inputs()
+    known = torch.tensor([1.0, 1, 0, 1, 1, 1])  # proposal 2 matched a nucleus of unknown class
+    cls, _ = partial_fastrcnn_loss(logits, box, [labels], [targets], [known])
+    (g,) = torch.autograd.grad(cls, logits)
+    assert torch.equal(g[2], torch.zeros_like(g[2]))  # exactly zero
+    # the others get the gradient they would get if that proposal did not exist
+    keep = known.bool()
+    ref_logits = logits.detach().clone().requires_grad_(True)
+    (g_ref,) = torch.autograd.grad(F.cross_entropy(ref_logits[keep], labels[keep]), ref_logits)
+    torch.testing.assert_close(g[keep], g_ref[keep])
+
+
+def test_unknown_class_still_trains_boxes_of_every_class():
+    logits, box, labels, targets = _cls_inputs()
+    known = torch.tensor([1.0, 1, 0, 1, 1, 1])
+    _, reg = partial_fastrcnn_loss(logits, box, [labels], [targets], [known])
+    (g,) = torch.autograd.grad(reg, box)
+    row = g[2].reshape(4, 4)
+    assert (row[0] == 0).all() and (row[1:].abs().sum(dim=1) > 0).all()  # background slot untouched
+    # a known proposal trains only its own class's regressor
+    own = g[1].reshape(4, 4)
+    assert own[1].abs().sum() > 0 and own[[0, 2, 3]].abs().sum() == 0
+
+
+def _mask_inputs(seed=0, n=4, k=2, m=14):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(n, k + 1, m, m, generator=g, requires_grad=True)
+    gt_masks = (torch.rand(n, 32, 32, generator=g) > 0.5).to(torch.uint8)
+    props = torch.tensor([[2.0, 2, 20, 20], [4, 4, 28, 30], [0, 0, 16, 16], [10, 8, 30, 31]])
+    return logits, gt_masks, props
+
+
+def test_box_only_nucleus_adds_nothing_to_mask_loss():
+    logits, gt_masks, props = _mask_inputs()
+    labels = torch.tensor([1, 2, 1, 2])
+    matched = torch.arange(4)
+    class_known = torch.ones(4, dtype=torch.bool)
+    mask_known = torch.tensor([True, False, True, True])  # nucleus 1 has only a box
+    loss = partial_maskrcnn_loss(logits, [props], [gt_masks], [labels], [matched], [class_known], [mask_known])
+    (g,) = torch.autograd.grad(loss, logits)
+    assert torch.equal(g[1], torch.zeros_like(g[1]))
+    # the rest: the standard per-class mask loss over the three nuclei with masks
+    from torchvision.models.detection.roi_heads import maskrcnn_loss
+
+    keep = mask_known
+    ref = logits.detach().clone().requires_grad_(True)
+    ref_loss = maskrcnn_loss(ref[keep], [props[keep]], [gt_masks[keep]], [labels[keep]],
+                             [torch.arange(int(keep.sum()))])
+    (g_ref,) = torch.autograd.grad(ref_loss, ref)
+    torch.testing.assert_close(loss, ref_loss)
+    torch.testing.assert_close(g[keep], g_ref[keep])
+
+
+def test_unknown_class_nucleus_trains_every_class_mask():
+    logits, gt_masks, props = _mask_inputs()
+    labels = torch.tensor([1, 1, 2, 2])
+    loss = partial_maskrcnn_loss(logits, [props], [gt_masks], [labels], [torch.arange(4)],
+                                 [torch.tensor([True, False, True, True])], [torch.ones(4, dtype=torch.bool)])
+    (g,) = torch.autograd.grad(loss, logits)
+    assert g[1, 0].abs().sum() == 0 and g[1, 1].abs().sum() > 0 and g[1, 2].abs().sum() > 0
+    assert g[0, 2].abs().sum() == 0  # a known nucleus trains only its class's mask
+
+
+def test_roi_heads_train_with_partial_targets():
+    import sys
+
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
+    from helpers_model import tiny_config
+
+    from wsiseg.model import build_model
+
+    torch.manual_seed(0)
+    model = enable_partial_labels(build_model(tiny_config(tile_size=128, num_classes=2)))
+    assert isinstance(model.roi_heads, PartialLabelRoIHeads)
+    model.train()
+    masks = torch.zeros(2, 128, 128, dtype=torch.uint8)
+    masks[0, 10:30, 10:30] = 1
+    masks[1, 60:90, 50:70] = 1
+    tgt = {"boxes": torch.tensor([[10.0, 10, 30, 30], [50, 60, 70, 90]]), "labels": torch.tensor([1, 2]),
+           "masks": masks, "class_known": torch.tensor([True, False]), "mask_known": torch.tensor([False, True])}
+    empty = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64),
+             "masks": torch.zeros(0, 128, 128, dtype=torch.uint8), "class_known": torch.zeros(0, dtype=torch.bool),
+             "mask_known": torch.zeros(0, dtype=torch.bool)}
+    losses = model([torch.rand(3, 128, 128), torch.rand(3, 128, 128)], [tgt, empty])
+    assert set(losses) == {"loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg"}
+    total = sum(losses.values())
+    assert torch.isfinite(total)
+    total.backward()
+    model.eval()
+    with torch.no_grad():
+        out = model([torch.rand(3, 128, 128)])
+    assert "masks" in out[0]
+
+
+def _sample(seed=0):
+    rng = np.random.default_rng(seed)
+    lab = np.zeros((200, 200), np.int32)
+    for i in range(1, 21):
+        y, x = rng.integers(10, 190, 2)
+        lab[y - 5 : y + 5, x - 5 : x + 5] = i
+    img = np.full((200, 200, 3), 230, np.uint8)
+    img[lab > 0] = (60, 30, 110)
+    present = [int(i) for i in np.unique(lab)[1:]]
+    return Sample("img_000", img, lab, {i: i % 2 for i in present}, set(), 0.25)
+
+
+def test_hide_labels_and_baselines():
+    s = [_sample(i) for i in range(5)]
+    hide_labels(s, 0.2, 0.2, seed=1)
+    n = sum(len(np.unique(x.instances)) - 1 for x in s)
+    no_cls = sum(len(np.unique(x.instances)) - 1 - len(x.classes) for x in s)
+    no_mask = sum(len(x.no_mask) for x in s)
+    assert 0.05 * n < no_cls < 0.4 * n and 0.05 * n < no_mask < 0.4 * n
+    bg = apply_partial_mode(s, "background")
+    for a, b in zip(s, bg):
+        hidden = [i for i in np.unique(a.instances)[1:] if int(i) not in a.classes or int(i) in a.no_mask]
+        assert all(not (b.instances == i).any() for i in hidden)
+    assert apply_partial_mode(s, "drop") == []  # every image has some hidden label
+    assert apply_partial_mode(s, "partial") is s
+
+
+def test_random_crop_targets():
+    s = _sample()
+    s.no_mask.add(3)
+    s.classes.pop(4, None)
+    rng = np.random.default_rng(0)
+    img, t = random_crop(s, 128, 0.25, rng, scale_jitter=0.0, hed=True)
+    assert img.shape == (128, 128, 3) and img.dtype == np.uint8
+    n = len(t["labels"])
+    assert t["masks"].shape == (n, 128, 128) and t["boxes"].shape == (n, 4)
+    for b, m in zip(t["boxes"], t["masks"]):
+        ys, xs = np.nonzero(m)
+        assert (b == [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]).all()
+    assert set(t["labels"]) <= {1, 2}
+
+
+def test_split_keeps_source_images_together():
+    names = [f"train_{i}_{j:03d}" for i in range(10) for j in range(4)]
+    tr, va = split_names(names, TrainConfig(val_fraction=0.2, seed=3))
+    assert {n.rsplit("_", 1)[0] for n in tr}.isdisjoint({n.rsplit("_", 1)[0] for n in va})
+    assert len(va) == 8
+
+
+def test_train_resume_and_export(tmp_path, data_dir):
+    cfg = TrainConfig(name="t", data=str(data_dir / "consep-train"), val_names=["train_1"],
+                      model=dict(backbone="resnet18", width=8, fpn_channels=32, box_head_dim=64,
+                                 mask_head_channels=16, detections_per_tile=50),
+                      tile_size=128, overlap=32, steps=3, batch_size=1, val_every=3, warmup_steps=2,
+                      hide_class_fraction=0.2, hide_mask_fraction=0.2, out=str(tmp_path / "run"), threads=1)
+    best = train(cfg, log=lambda *_: None)
+    run = tmp_path / "run"
+    assert (run / "best.safetensors").exists() and (run / "last.pt").exists()
+    assert "pq" in best and len((run / "loss.csv").read_text().splitlines()) == 4
+    split = json.loads((run / "split.json").read_text())
+    assert split["val"] and all(n.startswith("train_1_") for n in split["val"])
+    from wsiseg.model import load_model
+
+    model, card = load_model(run / "best.safetensors")
+    assert card.class_names == ["other", "inflammatory", "epithelial", "spindle"] and card.mpp == 0.25
+    # resume continues from the checkpoint
+    cfg.steps = 4
+    cfg.val_every = 100
+    train(cfg, log=lambda *_: None)
+    assert len((run / "loss.csv").read_text().splitlines()) == 5

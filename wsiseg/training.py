@@ -1,0 +1,469 @@
+"""Training nucleus Mask R-CNNs from scratch, with partial labels.
+
+A nucleus may lack a class (``class_known`` false: it adds nothing to the
+classification loss and trains boxes and masks as "some nucleus") or a mask
+(``mask_known`` false: it adds nothing to the mask loss). Both are handled
+inside the ROI heads, per sampled proposal; no image is dropped.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torchvision.models.detection.roi_heads import RoIHeads, project_masks_on_boxes
+
+from .model import ModelCard, ModelConfig, build_model, default_classes, save_model
+
+# ------------------------------------------------------------------ partial-label ROI heads
+
+
+def partial_fastrcnn_loss(class_logits, box_regression, labels, regression_targets, class_known):
+    """Classification and box losses over sampled proposals.
+
+    ``class_known`` (per proposal) is false for proposals matched to a nucleus
+    of unknown class: they are left out of the cross-entropy, and their box
+    regression is trained for every foreground class ("a nucleus").
+    """
+    labels = torch.cat(labels)
+    regression_targets = torch.cat(regression_targets)
+    class_known = torch.cat(class_known).float()
+    n_known = class_known.sum().clamp(min=1)
+    ce = F.cross_entropy(class_logits, labels, reduction="none")
+    cls_loss = (ce * class_known).sum() / n_known
+
+    n, _ = class_logits.shape
+    box_regression = box_regression.reshape(n, box_regression.size(-1) // 4, 4)
+    pos = torch.where(labels > 0)[0]
+    known = class_known[pos] > 0
+    reg_known = box_regression[pos[known], labels[pos[known]]]
+    loss = F.smooth_l1_loss(reg_known, regression_targets[pos[known]], beta=1 / 9, reduction="sum")
+    unk = pos[~known]
+    if len(unk):
+        fg = box_regression[unk, 1:]  # every foreground class
+        tgt = regression_targets[unk][:, None, :].expand_as(fg)
+        loss = loss + F.smooth_l1_loss(fg, tgt, beta=1 / 9, reduction="none").sum(dim=2).mean(dim=1).sum()
+    return cls_loss, loss / labels.numel()
+
+
+def partial_maskrcnn_loss(mask_logits, proposals, gt_masks, gt_labels, mask_matched_idxs, gt_class_known,
+                          gt_mask_known):
+    """Mask loss over positive proposals whose nucleus has a mask; unknown-class ones train every class's mask."""
+    m = mask_logits.shape[-1]
+    labels = [gl[idx] for gl, idx in zip(gt_labels, mask_matched_idxs)]
+    cls_known = torch.cat([k[idx] for k, idx in zip(gt_class_known, mask_matched_idxs)])
+    mask_known = torch.cat([k[idx] for k, idx in zip(gt_mask_known, mask_matched_idxs)])
+    targets = [project_masks_on_boxes(gm, p, i, m) for gm, p, i in zip(gt_masks, proposals, mask_matched_idxs)]
+    labels = torch.cat(labels)
+    targets = torch.cat(targets, dim=0)
+    if targets.numel() == 0 or not mask_known.any():
+        return mask_logits.sum() * 0
+    keep = torch.where(mask_known)[0]
+    lg, tg, lb, ck = mask_logits[keep], targets[keep], labels[keep], cls_known[keep]
+    idx = torch.arange(len(keep), device=lg.device)
+    own = F.binary_cross_entropy_with_logits(lg[idx, lb], tg, reduction="none").mean(dim=(1, 2))
+    every = F.binary_cross_entropy_with_logits(lg[:, 1:], tg[:, None].expand_as(lg[:, 1:]),
+                                               reduction="none").mean(dim=(1, 2, 3))
+    return torch.where(ck, own, every).mean()
+
+
+class PartialLabelRoIHeads(RoIHeads):
+    """torchvision ROI heads whose training losses honour ``class_known`` and ``mask_known`` in the targets."""
+
+    def forward(self, features, proposals, image_shapes, targets=None):
+        if not self.training:
+            return super().forward(features, proposals, image_shapes, targets)
+        proposals, matched_idxs, labels, regression_targets = self.select_training_samples(proposals, targets)
+        class_known = []
+        for t, midx, lab in zip(targets, matched_idxs, labels):
+            if t["class_known"].numel() == 0:  # a crop without nuclei: every proposal is background
+                class_known.append(torch.ones_like(lab, dtype=torch.float32))
+                continue
+            ck = t["class_known"][midx.clamp(min=0)]
+            class_known.append(torch.where(lab > 0, ck, torch.ones_like(ck)).float())
+        feats = self.box_roi_pool(features, proposals, image_shapes)
+        feats = self.box_head(feats)
+        class_logits, box_regression = self.box_predictor(feats)
+        loss_cls, loss_box = partial_fastrcnn_loss(class_logits, box_regression, labels, regression_targets,
+                                                   [c.bool().float() for c in class_known])
+        losses = {"loss_classifier": loss_cls, "loss_box_reg": loss_box}
+        pos_props, pos_idx = [], []
+        for p, lab, midx in zip(proposals, labels, matched_idxs):
+            pos = torch.where(lab > 0)[0]
+            pos_props.append(p[pos])
+            pos_idx.append(midx[pos])
+        mf = self.mask_head(self.mask_roi_pool(features, pos_props, image_shapes))
+        mask_logits = self.mask_predictor(mf)
+        losses["loss_mask"] = partial_maskrcnn_loss(
+            mask_logits, pos_props, [t["masks"] for t in targets], [t["labels"] for t in targets], pos_idx,
+            [t["class_known"] for t in targets], [t["mask_known"] for t in targets])
+        return [], losses
+
+
+def enable_partial_labels(model: torch.nn.Module) -> torch.nn.Module:
+    """Make a torchvision Mask R-CNN train with partial labels (same parameters, new loss)."""
+    model.roi_heads.__class__ = PartialLabelRoIHeads
+    return model
+
+
+# ------------------------------------------------------------------------ data
+
+
+@dataclass
+class Sample:
+    name: str
+    image: np.ndarray  # RGB uint8
+    instances: np.ndarray  # int32 instance ids, 0 background
+    classes: dict[int, int]  # instance -> 0-based class; missing: unknown
+    no_mask: set[int] = field(default_factory=set)  # instances whose mask is unknown (box only)
+    mpp: float = 0.25
+
+
+class InstanceFolder:
+    """The ``images/``, ``labels/``, optional ``classes.csv`` and ``meta.json`` layout, held in memory."""
+
+    def __init__(self, root: str | os.PathLike, names: list[str] | None = None, class_names: list[str] | None = None):
+        from PIL import Image
+
+        root = Path(root)
+        if not (root / "images").is_dir() or not (root / "labels").is_dir():
+            raise FileNotFoundError(f"{root}: expected images/ and labels/ folders")
+        meta = json.loads((root / "meta.json").read_text()) if (root / "meta.json").exists() else {}
+        self.mpp = float(meta.get("mpp", 0.25))
+        self.class_names = class_names or meta.get("classes") or ["nucleus"]
+        table: dict[str, dict[int, int]] = {}
+        if (root / "classes.csv").exists():
+            with open(root / "classes.csv") as f:
+                for row in csv.DictReader(f):
+                    if row["class"] in self.class_names:
+                        table.setdefault(row["image"], {})[int(row["instance"])] = self.class_names.index(row["class"])
+        files = {p.stem: p for p in (root / "images").iterdir() if p.suffix.lower() in {".png", ".jpg", ".jpeg", ".tif"}}
+        wanted = sorted(files) if names is None else names
+        self.samples = []
+        for n in wanted:
+            img = np.asarray(Image.open(files[n]).convert("RGB"))
+            lab = np.asarray(Image.open(root / "labels" / f"{n}.png")).astype(np.int32)
+            if lab.shape != img.shape[:2]:
+                raise ValueError(f"{root / 'labels' / n}.png: shape {lab.shape} differs from its image {img.shape[:2]}")
+            cls = table.get(n) if table else {int(i): 0 for i in np.unique(lab)[1:]}
+            self.samples.append(Sample(n, img, lab, dict(cls or {}), set(), self.mpp))
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+
+def hide_labels(samples: list[Sample], class_fraction: float, mask_fraction: float, seed: int = 0) -> None:
+    """Hide the class of ``class_fraction`` of nuclei and the mask of another ``mask_fraction``, at random."""
+    rng = np.random.default_rng(seed)
+    for s in samples:
+        ids = np.unique(s.instances)[1:]
+        r = rng.random(len(ids))
+        for i, v in zip(ids, r):
+            if v < class_fraction:
+                s.classes.pop(int(i), None)
+            elif v < class_fraction + mask_fraction:
+                s.no_mask.add(int(i))
+
+
+def hed_jitter(img: np.ndarray, rng: np.random.Generator, sigma: float = 0.05, bias: float = 0.02) -> np.ndarray:
+    """Random scale and shift of the hematoxylin, eosin and DAB channels (Tellez et al.)."""
+    from skimage.color import hed2rgb, rgb2hed
+
+    hed = rgb2hed(img)
+    hed = hed * rng.uniform(1 - sigma, 1 + sigma, 3) + rng.uniform(-bias, bias, 3)
+    return (np.clip(hed2rgb(hed), 0, 1) * 255).astype(np.uint8)
+
+
+def random_crop(s: Sample, size: int, model_mpp: float, rng: np.random.Generator, scale_jitter: float = 0.1,
+                hed: bool = True, min_area: int = 8) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """An augmented crop at the model's mpp and its targets (boxes, labels, masks, class_known, mask_known)."""
+    import cv2
+
+    scale = s.mpp / model_mpp * float(rng.uniform(1 - scale_jitter, 1 + scale_jitter))
+    src = int(math.ceil(size / scale))
+    h, w = s.instances.shape
+    y0 = int(rng.integers(0, max(1, h - src + 1)))
+    x0 = int(rng.integers(0, max(1, w - src + 1)))
+    img = s.image[y0 : y0 + src, x0 : x0 + src]
+    lab = s.instances[y0 : y0 + src, x0 : x0 + src]
+    if img.shape[0] != src or img.shape[1] != src:
+        pad = ((0, src - img.shape[0]), (0, src - img.shape[1]))
+        img = np.pad(img, pad + ((0, 0),), constant_values=255)
+        lab = np.pad(lab, pad)
+    if src != size:
+        img = cv2.resize(img, (size, size), interpolation=cv2.INTER_LINEAR)
+        lab = cv2.resize(lab, (size, size), interpolation=cv2.INTER_NEAREST)
+    k = int(rng.integers(0, 4))
+    img, lab = np.rot90(img, k), np.rot90(lab, k)
+    if rng.random() < 0.5:
+        img, lab = img[:, ::-1], lab[:, ::-1]
+    img, lab = np.ascontiguousarray(img), np.ascontiguousarray(lab)
+    if hed:
+        img = hed_jitter(img, rng)
+    return img, targets_from_labels(lab, s.classes, s.no_mask, min_area)
+
+
+def targets_from_labels(lab: np.ndarray, classes: dict[int, int], no_mask: set[int], min_area: int = 8) -> dict:
+    from scipy import ndimage
+
+    ids = np.unique(lab)
+    ids = ids[ids > 0]
+    boxes, labels, masks, ck, mk = [], [], [], [], []
+    slices = ndimage.find_objects(lab)
+    for i in ids:
+        sl = slices[i - 1]
+        if sl is None:
+            continue
+        m = lab == i
+        if m.sum() < min_area:
+            continue
+        boxes.append([sl[1].start, sl[0].start, sl[1].stop, sl[0].stop])
+        c = classes.get(int(i))
+        labels.append(1 + (c if c is not None else 0))
+        ck.append(c is not None)
+        mk.append(int(i) not in no_mask)
+        masks.append(m)
+    n = len(boxes)
+    return {
+        "boxes": np.asarray(boxes, np.float32).reshape(n, 4),
+        "labels": np.asarray(labels, np.int64),
+        "masks": np.asarray(masks, np.uint8).reshape(n, *lab.shape),
+        "class_known": np.asarray(ck, bool),
+        "mask_known": np.asarray(mk, bool),
+    }
+
+
+# ------------------------------------------------------------------------ config and loop
+
+
+@dataclass
+class TrainConfig:
+    name: str = "wsiseg-nuclei"
+    data: str = "../shared/data/monuseg-train"
+    val_names: list[str] = field(default_factory=list)  # whole images for validation
+    val_fraction: float = 0.2
+    class_names: list[str] | None = None
+    model: dict[str, Any] = field(default_factory=dict)  # ModelConfig fields
+    mpp: float = 0.25
+    tile_size: int = 256
+    overlap: int = 64
+    steps: int = 2000
+    batch_size: int = 4
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    warmup_steps: int = 200
+    clip_grad: float = 5.0
+    val_every: int = 250
+    seed: int = 0
+    bf16: bool = True
+    hed_jitter: bool = True
+    scale_jitter: float = 0.1
+    hide_class_fraction: float = 0.0
+    hide_mask_fraction: float = 0.0
+    partial_mode: str = "partial"  # partial | background | drop
+    out: str = "runs/default"
+    threads: int | None = None
+    max_minutes: float | None = None  # stop early (validating and exporting) after this much training time
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike) -> "TrainConfig":
+        import yaml
+
+        with open(path) as f:
+            d = yaml.safe_load(f) or {}
+        unknown = set(d) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"{path}: unknown training settings {sorted(unknown)}")
+        return cls(**d)
+
+
+def split_names(names: list[str], cfg: TrainConfig) -> tuple[list[str], list[str]]:
+    """Train/validation split by whole source image (CoNSeP tiles of one image stay together)."""
+    if cfg.val_names:
+        val = [n for n in names if n in set(cfg.val_names) or _source(n) in set(cfg.val_names)]
+        return [n for n in names if n not in set(val)], val
+    sources = sorted({_source(n) for n in names})
+    rng = random.Random(cfg.seed)
+    rng.shuffle(sources)
+    k = max(1, int(round(len(sources) * cfg.val_fraction)))
+    val_src = set(sources[:k])
+    return [n for n in names if _source(n) not in val_src], [n for n in names if _source(n) in val_src]
+
+
+def _source(name: str) -> str:
+    parts = name.rsplit("_", 1)
+    return parts[0] if len(parts) == 2 and parts[1].isdigit() else name
+
+
+def apply_partial_mode(samples: list[Sample], mode: str) -> list[Sample]:
+    """The baselines of the partial-label experiment: hidden labels as background, or images dropped."""
+    if mode == "partial":
+        return samples
+    if mode == "drop":
+        return [s for s in samples
+                if not s.no_mask and all(int(i) in s.classes for i in np.unique(s.instances)[1:])]
+    if mode == "background":
+        out = []
+        for s in samples:
+            lab = s.instances.copy()
+            for i in np.unique(lab)[1:]:
+                if int(i) not in s.classes or int(i) in s.no_mask:
+                    lab[lab == i] = 0
+            out.append(Sample(s.name, s.image, lab, s.classes, set(), s.mpp))
+        return out
+    raise ValueError(f"unknown partial_mode {mode!r} (partial, background, drop)")
+
+
+def _to_torch(t: dict) -> dict:
+    return {"boxes": torch.from_numpy(t["boxes"]), "labels": torch.from_numpy(t["labels"]),
+            "masks": torch.from_numpy(t["masks"]), "class_known": torch.from_numpy(t["class_known"]),
+            "mask_known": torch.from_numpy(t["mask_known"])}
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    if step < cfg.warmup_steps:
+        return cfg.lr * (0.05 + 0.95 * step / max(1, cfg.warmup_steps))
+    p = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, p)))
+
+
+def validate(model: torch.nn.Module, card: ModelCard, val: list[Sample], class_names: list[str]) -> dict:
+    from .evaluation import evaluate_images
+    from .inference import MaskRCNNPredictor, select_device
+    from .stitching import segment_array
+
+    import cv2
+
+    model.eval()
+    pred = MaskRCNNPredictor(model, card, select_device("cpu"))
+    gts, preds, gcls, pcls, scores = [], [], [], [], []
+    for s in val:
+        img, lab = s.image, s.instances
+        f = s.mpp / card.mpp
+        if abs(f - 1) > 0.02:
+            img = cv2.resize(img, None, fx=f, fy=f, interpolation=cv2.INTER_LINEAR)
+        labels, cls, sc = segment_array(img, pred, card.tile_size, card.overlap)
+        if labels.shape != lab.shape:
+            labels = cv2.resize(labels, (lab.shape[1], lab.shape[0]), interpolation=cv2.INTER_NEAREST)
+        gts.append(lab)
+        preds.append(labels)
+        gcls.append(s.classes)
+        pcls.append(cls)
+        scores.append(sc)
+    multi = len(class_names) > 1
+    return evaluate_images(gts, preds, gcls if multi else None, pcls if multi else None,
+                           class_names if multi else None, scores)
+
+
+def train(cfg: TrainConfig, log=print) -> dict:
+    """Train, validating every ``val_every`` steps; exports the best model (by PQ) with its card.
+
+    Resumes from ``<out>/last.pt`` when present (weights-only checkpoint).
+    """
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    data = InstanceFolder(cfg.data, class_names=cfg.class_names)
+    class_names = data.class_names
+    names = [s.name for s in data.samples]
+    train_names, val_names = split_names(names, cfg)
+    by_name = {s.name: s for s in data.samples}
+    train_s = [by_name[n] for n in train_names]
+    val_s = [by_name[n] for n in val_names]
+    hide_labels(train_s, cfg.hide_class_fraction, cfg.hide_mask_fraction, cfg.seed)
+    train_s = apply_partial_mode(train_s, cfg.partial_mode)
+    if not train_s:
+        raise ValueError("no training images left")
+    (out / "split.json").write_text(json.dumps({"train": train_names, "val": val_names}, indent=2))
+
+    mcfg = ModelConfig(**{**cfg.model, "num_classes": len(class_names), "tile_size": cfg.tile_size})
+    card = ModelCard(name=cfg.name, classes=default_classes(class_names), mpp=cfg.mpp, tile_size=cfg.tile_size,
+                     overlap=cfg.overlap, config=mcfg,
+                     training={**asdict(cfg), "train_images": len(train_s), "val_images": len(val_s)})
+    torch.manual_seed(cfg.seed)
+    model = enable_partial_labels(build_model(mcfg, card.mean, card.std))
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim > 1]
+    no_decay = [p for p in params if p.ndim <= 1]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+    step, best = 0, {"pq": -1.0}
+    ckpt = out / "last.pt"
+    if ckpt.exists():
+        state = torch.load(ckpt, weights_only=True)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        step = int(state["step"])
+        best = json.loads((out / "best.json").read_text()) if (out / "best.json").exists() else best
+        log(f"resumed from {ckpt} at step {step}")
+    rng = np.random.default_rng(cfg.seed + step)
+    log_path = out / "loss.csv"
+    new_log = not log_path.exists()
+    logf = open(log_path, "a", newline="")
+    logw = csv.writer(logf)
+    if new_log:
+        logw.writerow(["step", "lr", "loss", "loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness",
+                       "loss_rpn_box_reg", "seconds"])
+    t0 = time.time()
+    try:
+        while step < cfg.steps:
+            if cfg.max_minutes is not None and time.time() - t0 > cfg.max_minutes * 60:
+                log(f"stopping at step {step}: max_minutes={cfg.max_minutes} reached")
+                break
+            model.train()
+            imgs, tgts = [], []
+            for _ in range(cfg.batch_size):
+                s = train_s[int(rng.integers(len(train_s)))]
+                img, t = random_crop(s, cfg.tile_size, cfg.mpp, rng, cfg.scale_jitter, cfg.hed_jitter)
+                imgs.append(torch.from_numpy(img).permute(2, 0, 1).float() / 255)
+                tgts.append(_to_torch(t))
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step, cfg)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+                losses = model(imgs, tgts)
+            loss = sum(losses.values())
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"loss became {loss.item()} at step {step}; lower lr or check the data")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad)
+            opt.step()
+            step += 1
+            logw.writerow([step, f"{lr_at(step, cfg):.6g}", f"{loss.item():.5f}",
+                           *[f"{losses[k].item():.5f}" for k in ("loss_classifier", "loss_box_reg", "loss_mask",
+                                                                  "loss_objectness", "loss_rpn_box_reg")],
+                           f"{time.time() - t0:.1f}"])
+            if step % 20 == 0:
+                logf.flush()
+                log(f"step {step}/{cfg.steps} loss {loss.item():.3f} "
+                    + " ".join(f"{k[5:]}={v.item():.3f}" for k, v in losses.items()) + f" ({time.time() - t0:.0f} s)")
+            out_of_time = cfg.max_minutes is not None and time.time() - t0 > cfg.max_minutes * 60
+            if step % cfg.val_every == 0 or step == cfg.steps or out_of_time:
+                torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step}, ckpt)
+                if val_s:
+                    metrics = validate(model, card, val_s, class_names)
+                    log(f"validation at step {step}: " + ", ".join(
+                        f"{k}={v:.3f}" for k, v in metrics.items() if isinstance(v, float)))
+                    with open(out / "val.jsonl", "a") as f:
+                        f.write(json.dumps({"step": step, **metrics}) + "\n")
+                    if metrics["pq"] > best["pq"]:
+                        best = {"step": step, **metrics}
+                        card.metrics = {"validation": best, "val_images": val_names}
+                        save_model(model, card, out / "best.safetensors", half=True)
+                        (out / "best.json").write_text(json.dumps(best, indent=2))
+    finally:
+        logf.close()
+    if not val_s:
+        save_model(model, card, out / "best.safetensors", half=True)
+    return best
