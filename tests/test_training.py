@@ -167,7 +167,7 @@ def test_split_keeps_source_images_together():
 
 
 def test_train_resume_and_export(tmp_path, data_dir):
-    cfg = TrainConfig(name="t", data=str(data_dir / "consep-train"), val_names=["train_1"],
+    cfg = TrainConfig(name="t", data=str(data_dir / "consep-train"), val_names=["train_1_000"],
                       model=dict(backbone="resnet18", width=8, fpn_channels=32, box_head_dim=64,
                                  mask_head_channels=16, detections_per_tile=50),
                       tile_size=128, overlap=32, steps=3, batch_size=1, val_every=3, warmup_steps=2,
@@ -177,7 +177,7 @@ def test_train_resume_and_export(tmp_path, data_dir):
     assert (run / "best.safetensors").exists() and (run / "last.pt").exists()
     assert "pq" in best and len((run / "loss.csv").read_text().splitlines()) == 4
     split = json.loads((run / "split.json").read_text())
-    assert split["val"] and all(n.startswith("train_1_") for n in split["val"])
+    assert split["val"] == ["train_1_000"] and "train_1_000" not in split["train"]
     from wsiseg.model import load_model
 
     model, card = load_model(run / "best.safetensors")
@@ -187,3 +187,23 @@ def test_train_resume_and_export(tmp_path, data_dir):
     cfg.val_every = 100
     train(cfg, log=lambda *_: None)
     assert len((run / "loss.csv").read_text().splitlines()) == 5
+
+
+def test_evaluate_cli(tmp_path, data_dir):
+    import subprocess
+    import sys
+
+    cfg = TrainConfig(name="t", data=str(data_dir / "consep-train"), val_names=["train_2_000", "train_2_001"],
+                      model=dict(backbone="resnet18", width=8, fpn_channels=32, box_head_dim=64,
+                                 mask_head_channels=16, detections_per_tile=50),
+                      tile_size=128, overlap=32, steps=1, batch_size=1, val_every=100, warmup_steps=1,
+                      out=str(tmp_path / "run"), threads=1)
+    train(cfg, log=lambda *_: None)
+    out = tmp_path / "metrics.json"
+    proc = subprocess.run([sys.executable, "-m", "wsiseg.cli", "evaluate", "--model", str(tmp_path / "run" / "best.safetensors"),
+                           "--data", str(data_dir / "consep-train"), "--split", str(tmp_path / "run" / "split.json"),
+                           "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    m = json.loads(out.read_text())
+    assert m["images"] == len(json.loads((tmp_path / "run" / "split.json").read_text())["val"])
+    assert {"pq", "dq", "sq", "aji", "f1", "dice", "AP", "AP50", "AP75", "classification_accuracy"} <= set(m)
