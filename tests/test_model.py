@@ -54,10 +54,15 @@ def test_card_without_metadata_is_refused(tmp_path):
 
 @pytest.mark.parametrize("backbone", ["resnet18", "mobilenet_v3_large"])
 def test_backbones_build_without_downloads(backbone):
-    cfg = ModelConfig(backbone=backbone, anchor_sizes=(16, 32, 64, 128, 256), tile_size=128)
+    cfg = ModelConfig(backbone=backbone, anchor_sizes=(16, 32, 64, 128, 256), tile_size=128, fpn_channels=64,
+                      box_head_dim=128, mask_head_channels=32)
     m = build_model(cfg)
     frozen = [n for n, mod in m.named_modules() if type(mod).__name__ == "FrozenBatchNorm2d"]
     assert frozen == []  # trains from scratch: real normalisation layers
+    m.eval()
+    with torch.no_grad():
+        out = m([torch.rand(3, 128, 128)])[0]
+    assert out["masks"].shape[1:] == (1, 128, 128) and out["boxes"].shape[1] == 4
 
 
 def test_select_device_cpu():

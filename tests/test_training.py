@@ -182,11 +182,15 @@ def test_train_resume_and_export(tmp_path, data_dir):
 
     model, card = load_model(run / "best.safetensors")
     assert card.class_names == ["other", "inflammatory", "epithelial", "spindle"] and card.mpp == 0.25
-    # resume continues from the checkpoint
+    # a crash after the checkpoint leaves log rows past it; resume continues from the checkpoint without repeats
+    with open(run / "loss.csv", "a") as f:
+        f.write("4,0.001,9.9,0,0,0,0,0,1.0\n5,0.001,9.9,0,0,0,0,0,1.0\n")
     cfg.steps = 4
     cfg.val_every = 100
     train(cfg, log=lambda *_: None)
-    assert len((run / "loss.csv").read_text().splitlines()) == 5
+    rows = (run / "loss.csv").read_text().splitlines()[1:]
+    assert [int(r.split(",")[0]) for r in rows] == [1, 2, 3, 4]
+    assert float(rows[-1].split(",")[2]) != 9.9
 
 
 def test_evaluate_cli(tmp_path, data_dir):

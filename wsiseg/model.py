@@ -114,7 +114,7 @@ def _groups(ch: int) -> int:
 def build_backbone(cfg: ModelConfig) -> nn.Module:
     """An FPN backbone with randomly initialised weights (nothing is downloaded)."""
     from torchvision.models import resnet
-    from torchvision.models.detection.backbone_utils import BackboneWithFPN, mobilenet_backbone
+    from torchvision.models.detection.backbone_utils import BackboneWithFPN
     from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
     norm = _norm_layer(cfg.norm)
@@ -135,11 +135,19 @@ def build_backbone(cfg: ModelConfig) -> nn.Module:
             norm_layer=None,
         )
     if cfg.backbone == "mobilenet_v3_large":
-        bb = mobilenet_backbone(
-            backbone_name="mobilenet_v3_large", weights=None, fpn=True, norm_layer=partial(nn.BatchNorm2d, eps=1e-3),
-            trainable_layers=6, returned_layers=None,
+        from torchvision.models import mobilenet_v3_large
+
+        features = mobilenet_v3_large(weights=None, norm_layer=partial(nn.BatchNorm2d, eps=1e-3)).features
+        stages = [i for i, b in enumerate(features) if getattr(b, "_is_cn", False)] + [len(features) - 1]
+        taken = stages[-2:]  # the last two stages, as torchvision's mobilenet FPN takes them
+        return BackboneWithFPN(
+            features,
+            return_layers={str(i): str(k) for k, i in enumerate(taken)},
+            in_channels_list=[features[i].out_channels for i in taken],
+            out_channels=cfg.fpn_channels,
+            extra_blocks=LastLevelMaxPool(),
+            norm_layer=None,
         )
-        return bb
     raise ValueError(f"unknown backbone {cfg.backbone!r} (resnet50, resnet34, resnet18, mobilenet_v3_large)")
 
 

@@ -249,6 +249,7 @@ def targets_from_labels(lab: np.ndarray, classes: dict[int, int], no_mask: set[i
 @dataclass
 class TrainConfig:
     name: str = "wsiseg-nuclei"
+    description: str = ""  # goes into the model card: what the model is for, and why this architecture
     data: str = "../shared/data/monuseg-train"
     val_names: list[str] = field(default_factory=list)  # whole images for validation
     val_fraction: float = 0.2
@@ -365,6 +366,14 @@ def validate(model: torch.nn.Module, card: ModelCard, val: list[Sample], class_n
                            class_names if multi else None, scores)
 
 
+def _truncate_log(path: Path, step: int) -> None:
+    """Drop loss-log rows after ``step`` (written after the checkpoint a resumed run starts from)."""
+    lines = path.read_text().splitlines(keepends=True)
+    keep = lines[:1] + [ln for ln in lines[1:] if ln.split(",", 1)[0].isdigit() and int(ln.split(",", 1)[0]) <= step]
+    if len(keep) != len(lines):
+        path.write_text("".join(keep))
+
+
 def train(cfg: TrainConfig, log=print) -> dict:
     """Train, validating every ``val_every`` steps; exports the best model (by PQ) with its card.
 
@@ -389,7 +398,7 @@ def train(cfg: TrainConfig, log=print) -> dict:
 
     mcfg = ModelConfig(**{**cfg.model, "num_classes": len(class_names), "tile_size": cfg.tile_size})
     card = ModelCard(name=cfg.name, classes=default_classes(class_names), mpp=cfg.mpp, tile_size=cfg.tile_size,
-                     overlap=cfg.overlap, config=mcfg,
+                     overlap=cfg.overlap, config=mcfg, description=cfg.description,
                      training={**asdict(cfg), "train_images": len(train_s), "val_images": len(val_s)})
     torch.manual_seed(cfg.seed)
     model = enable_partial_labels(build_model(mcfg, card.mean, card.std))
@@ -409,6 +418,8 @@ def train(cfg: TrainConfig, log=print) -> dict:
         log(f"resumed from {ckpt} at step {step}")
     rng = np.random.default_rng(cfg.seed + step)
     log_path = out / "loss.csv"
+    if log_path.exists():
+        _truncate_log(log_path, step)
     new_log = not log_path.exists()
     logf = open(log_path, "a", newline="")
     logw = csv.writer(logf)
