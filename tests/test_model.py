@@ -106,6 +106,26 @@ def test_paste_masks_geometry():
     assert masks[0].shape == (5, 20) and masks[0].all()
 
 
+@pytest.mark.parametrize("box", [(10.0, 20.0, 50.0, 60.0), (3.3, 7.6, 17.9, 40.2), (30.0, 5.0, 90.0, 25.0)])
+def test_paste_masks_puts_the_shape_where_the_box_says(box):
+    yy, xx = np.mgrid[:28, :28]
+    prob = (((xx + 0.5 - 10) / 7) ** 2 + ((yy + 0.5 - 17) / 10) ** 2 < 1).astype(np.float32)  # off-centre ellipse
+    ib, masks = paste_masks(prob[None], np.array([box]), (96, 128))
+    ours = np.zeros((96, 128), bool)
+    x0, y0, x1, y1 = ib[0]
+    ours[y0:y1, x0:x1] = masks[0]
+    # the same ellipse in image coordinates, sampled at pixel centres
+    bx0, by0, bx1, by1 = box
+    u = (np.arange(128) + 0.5 - bx0) / (bx1 - bx0) * 28
+    v = (np.arange(96) + 0.5 - by0) / (by1 - by0) * 28
+    ref = ((u[None, :] - 10) / 7) ** 2 + ((v[:, None] - 17) / 10) ** 2 < 1
+    iou = (ours & ref).sum() / (ours | ref).sum()
+    assert iou > 0.9, iou
+    cy, cx = np.argwhere(ours).mean(0)
+    ry, rx = np.argwhere(ref).mean(0)
+    assert abs(cy - ry) < 0.5 and abs(cx - rx) < 0.5
+
+
 def test_resolve_overlaps_gives_pixels_to_higher_score():
     a = np.ones((10, 10), bool)
     det = TileDetections(np.array([[0, 0, 10, 10], [5, 0, 15, 10]], np.int32), np.array([0.6, 0.9], np.float32),

@@ -111,7 +111,8 @@ def paste_masks(mask_probs: np.ndarray, boxes: np.ndarray, size: tuple[int, int]
         # map crop pixel centres into mask-grid coordinates
         sx, sy = m / bw, m / bh
         mat = np.array([[sx, 0, (ix0 + 0.5 - x0) * sx - 0.5], [0, sy, (iy0 + 0.5 - y0) * sy - 0.5]], np.float64)
-        crop = cv2.warpAffine(prob.astype(np.float32), mat, (ix1 - ix0, iy1 - iy0), flags=cv2.INTER_LINEAR,
+        crop = cv2.warpAffine(prob.astype(np.float32), mat, (ix1 - ix0, iy1 - iy0),
+                              flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,  # mat maps output to input
                               borderMode=cv2.BORDER_CONSTANT, borderValue=0.0)
         out_boxes.append((ix0, iy0, ix1, iy1))
         out_masks.append(crop >= threshold)
