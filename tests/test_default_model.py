@@ -1,0 +1,71 @@
+"""The model that ships inside the package: its card, its size, and that it finds real nuclei."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from wsiseg.cli import default_model_path
+from wsiseg.evaluation import panoptic_quality
+from wsiseg.inference import load_predictor
+from wsiseg.model import load_card
+from wsiseg.stitching import segment_array
+
+from conftest import synthetic_he, write_pyramid_tiff
+
+REPO = Path(__file__).resolve().parents[1]
+SPLIT = REPO / "configs" / "default-split.json"
+
+
+def test_default_model_is_bundled_with_a_card():
+    path = default_model_path()
+    assert path is not None, "wsiseg/models/default.safetensors is missing from the installation"
+    assert Path(path).stat().st_size <= 50e6
+    card = load_card(path)
+    assert card.class_names == ["nucleus"] and card.mpp == 0.25
+    assert card.overlap < card.tile_size and card.description
+    val = card.metrics["validation"]
+    assert {"pq", "f1", "aji", "AP50"} <= set(val)
+    # the validation images named in the card are the ones held out in the config's split
+    assert card.metrics["val_images"] == json.loads(SPLIT.read_text())["val"]
+    assert not set(card.metrics["val_images"]) & set(json.loads(SPLIT.read_text())["train"])
+
+
+def _pooled_pq(predictor, data_dir, names, size=384):
+    tp = fp = fn = 0
+    iou_sum = 0.0
+    for n in names:
+        img = np.array(Image.open(data_dir / "monuseg-train" / "images" / f"{n}.png").convert("RGB"))[:size, :size]
+        gt = np.array(Image.open(next((data_dir / "monuseg-train" / "labels").glob(f"{n}*"))))[:size, :size]
+        labels, _, _ = segment_array(np.ascontiguousarray(img), predictor, predictor.card.tile_size,
+                                     predictor.card.overlap)
+        r = panoptic_quality(gt, labels)
+        tp, fp, fn = tp + r.tp, fp + r.fp, fn + r.fn
+        iou_sum += r.sq * r.tp
+    f1 = 2 * tp / (2 * tp + fp + fn)
+    return f1 * iou_sum / max(tp, 1), f1  # pooled PQ = DQ x SQ, with DQ = F1 at IoU 0.5
+
+
+def test_default_model_segments_held_out_monuseg(data_dir):
+    names = json.loads(SPLIT.read_text())["val"][::3]  # two held-out images
+    model = load_predictor(default_model_path())
+    pq, f1 = _pooled_pq(model, data_dir, names)
+    base_pq, base_f1 = _pooled_pq(load_predictor("threshold"), data_dir, names)
+    assert pq > 0.35 and f1 > 0.55, (pq, f1)
+    assert pq > base_pq + 0.1 and f1 > base_f1 + 0.1, (pq, f1, base_pq, base_f1)
+
+
+def test_segment_uses_the_default_model_without_model_option(tmp_path):
+    rgb, _ = synthetic_he(256, 256, n_nuclei=12)
+    slide = write_pyramid_tiff(tmp_path / "s.tif", rgb, mpp=0.5)
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "wsiseg.cli", "segment", str(slide), "--out", str(out),
+                           "--whole-slide", "--quiet", "--no-stats"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["model"] == load_card(default_model_path()).name
