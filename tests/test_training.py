@@ -211,3 +211,17 @@ def test_evaluate_cli(tmp_path, data_dir):
     m = json.loads(out.read_text())
     assert m["images"] == len(json.loads((tmp_path / "run" / "split.json").read_text())["val"])
     assert {"pq", "dq", "sq", "aji", "f1", "dice", "AP", "AP50", "AP75", "classification_accuracy"} <= set(m)
+
+
+def test_evaluate_cli_threshold_baseline(tmp_path, data_dir):
+    import subprocess
+    import sys
+
+    out = tmp_path / "m.json"
+    proc = subprocess.run([sys.executable, "-m", "wsiseg.cli", "evaluate", "--model", "threshold",
+                           "--data", str(data_dir / "monuseg-train"), "--names", "TCGA-18-5592-01Z-00-DX1",
+                           "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    m = json.loads(out.read_text())
+    assert m["images"] == 1 and m["tp"] + m["fn"] > 300  # every annotated nucleus of the image is counted
+    assert 0.0 < m["pq"] < 0.5

@@ -180,17 +180,21 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from .model import load_model
-    from .training import InstanceFolder, validate
+    from .inference import load_predictor
+    from .training import InstanceFolder, evaluate_predictor
 
     names = None
     if args.split:
         names = json.loads(Path(args.split).read_text())["val"]
     elif args.names:
         names = args.names
-    model, card = load_model(args.model)
-    data = InstanceFolder(args.data, names=names, class_names=card.class_names if len(card.classes) > 1 else None)
-    metrics = validate(model, card, data.samples, data.class_names if len(card.classes) > 1 else ["nucleus"])
+    model = args.model or default_model_path()
+    if model is None:
+        raise ValueError("no default model is bundled with this installation; pass --model")
+    pred = load_predictor(model, device="cpu")
+    classes = pred.card.class_names
+    data = InstanceFolder(args.data, names=names, class_names=classes if len(classes) > 1 else None)
+    metrics = evaluate_predictor(pred, data.samples, data.class_names if len(classes) > 1 else ["nucleus"])
     text = json.dumps(metrics, indent=2)
     print(text)
     if args.out:
@@ -274,7 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="PQ, AJI, F1, Dice, COCO AP (and per class) of a model on labelled images")
-    p.add_argument("--model", required=True)
+    p.add_argument("--model", default=None, help="model file, or 'threshold' (default: the bundled model)")
     p.add_argument("--data", required=True, help="folder with images/, labels/, optional classes.csv")
     p.add_argument("--split", default=None, help="split.json of a training run: evaluate its validation images")
     p.add_argument("--names", nargs="*", default=None, help="image names to evaluate")

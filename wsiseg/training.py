@@ -339,14 +339,21 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 
 def validate(model: torch.nn.Module, card: ModelCard, val: list[Sample], class_names: list[str]) -> dict:
-    from .evaluation import evaluate_images
+    """Metrics of a Mask R-CNN being trained, on CPU, over labelled samples."""
     from .inference import MaskRCNNPredictor, select_device
-    from .stitching import segment_array
-
-    import cv2
 
     model.eval()
-    pred = MaskRCNNPredictor(model, card, select_device("cpu"))
+    return evaluate_predictor(MaskRCNNPredictor(model, card, select_device("cpu")), val, class_names)
+
+
+def evaluate_predictor(pred, val: list[Sample], class_names: list[str]) -> dict:
+    """Metrics of any predictor (a model or the threshold baseline) over labelled samples, tiled as on slides."""
+    import cv2
+
+    from .evaluation import evaluate_images
+    from .stitching import segment_array
+
+    card = pred.card
     gts, preds, gcls, pcls, scores = [], [], [], [], []
     for s in val:
         img, lab = s.image, s.instances
