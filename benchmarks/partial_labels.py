@@ -59,7 +59,7 @@ def main() -> None:
             name=f"consep-{name}", data=args.data, val_fraction=0.2, seed=0, mpp=0.25, tile_size=256, overlap=64,
             model=dict(backbone="resnet18", width=32, fpn_channels=128, box_head_dim=512, mask_head_channels=128,
                        detections_per_tile=400),
-            steps=args.steps, batch_size=4, val_every=max(1, args.steps // 3), warmup_steps=min(200, args.steps // 5),
+            steps=args.steps, batch_size=4, val_every=max(1, -(-args.steps // 3)), warmup_steps=min(200, args.steps // 5),
             out=str(Path(args.out) / name), **VARIANTS[name])
         try:
             best = train(cfg, log=lambda m, n=name: print(f"[{n}] {m}", flush=True))

@@ -71,3 +71,16 @@ def test_classes_accuracy_and_per_class_pq():
     res = evaluate_images([gt], [pred], gt_classes=[{1: 0}], pred_classes=[{1: 0, 2: 0}],
                           class_names=["tumour", "immune"], with_coco=False)
     assert res["classification_accuracy"] == 1.0
+
+
+def test_empty_images_do_not_count_in_the_means():
+    gt = two_squares()
+    empty = np.zeros_like(gt)
+    # a model that finds nothing scores zero, however many images are empty
+    res = evaluate_images([gt, empty, empty], [empty, empty, empty], with_coco=False)
+    assert res["pq"] == 0.0 and res["aji"] == 0.0 and res["f1"] == 0.0 and res["images"] == 3
+    # a false positive on an empty image counts
+    fp = np.zeros_like(gt)
+    fp[0:5, 12:17] = 1
+    res = evaluate_images([gt, empty], [gt, fp], with_coco=False)
+    assert res["pq"] == pytest.approx(0.5) and res["f1"] == pytest.approx(4 / 5)

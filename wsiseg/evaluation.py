@@ -142,6 +142,8 @@ def evaluate_images(gts: list[np.ndarray], preds: list[np.ndarray], gt_classes: 
     """Mean per-image PQ/DQ/SQ/AJI/Dice, pooled F1@0.5, COCO AP; with classes, accuracy and PQ per class.
 
     ``gt_classes[k]`` / ``pred_classes[k]`` map instance id -> 0-based class (GT ids absent: unknown class).
+    Images with neither nuclei nor predictions say nothing about a model and are left out of the means
+    (a model that finds nothing scores 0, not the share of empty images); ``images`` counts all.
     """
     per = {"pq": [], "dq": [], "sq": [], "aji": [], "dice": []}
     tp = fp = fn = 0
@@ -149,11 +151,12 @@ def evaluate_images(gts: list[np.ndarray], preds: list[np.ndarray], gt_classes: 
     per_class_pq: dict[str, list[float]] = {n: [] for n in (class_names or [])}
     for k, (g, p) in enumerate(zip(gts, preds)):
         r = panoptic_quality(g, p)
-        per["pq"].append(r.pq)
-        per["dq"].append(r.dq)
-        per["sq"].append(r.sq)
-        per["aji"].append(aggregated_jaccard(g, p))
-        per["dice"].append(dice(g, p))
+        if g.any() or p.any():
+            per["pq"].append(r.pq)
+            per["dq"].append(r.dq)
+            per["sq"].append(r.sq)
+            per["aji"].append(aggregated_jaccard(g, p))
+            per["dice"].append(dice(g, p))
         tp, fp, fn = tp + r.tp, fp + r.fp, fn + r.fn
         if gt_classes is not None and pred_classes is not None and class_names:
             gids = np.unique(g)
