@@ -540,6 +540,20 @@ def _truncate_log(path: Path, step: int) -> None:
         path.write_text("".join(keep))
 
 
+def training_data(cfg: TrainConfig) -> tuple[list[Sample], list[Sample], list[str], tuple[list[str], list[str]]]:
+    """The training samples (labels hidden and ``partial_mode`` applied), the validation samples, the class
+    names, and the split by name (training names before any image is dropped)."""
+    data = load_dataset(cfg.data, cfg.class_names, slide=cfg.slide, images=cfg.images, mpp=cfg.data_mpp)
+    train_names, val_names = split_names([s.name for s in data.samples], cfg)
+    by_name = {s.name: s for s in data.samples}
+    train_s = [by_name[n] for n in train_names]
+    hide_labels(train_s, cfg.hide_class_fraction, cfg.hide_mask_fraction, cfg.seed)
+    train_s = apply_partial_mode(train_s, cfg.partial_mode)
+    if not train_s:
+        raise ValueError("no training images left")
+    return train_s, [by_name[n] for n in val_names], data.class_names, (train_names, val_names)
+
+
 def train(cfg: TrainConfig, log=print) -> dict:
     """Train, validating every ``val_every`` steps; exports the best model (by PQ) with its card.
 
@@ -549,17 +563,7 @@ def train(cfg: TrainConfig, log=print) -> dict:
         torch.set_num_threads(cfg.threads)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    data = load_dataset(cfg.data, cfg.class_names, slide=cfg.slide, images=cfg.images, mpp=cfg.data_mpp)
-    class_names = data.class_names
-    names = [s.name for s in data.samples]
-    train_names, val_names = split_names(names, cfg)
-    by_name = {s.name: s for s in data.samples}
-    train_s = [by_name[n] for n in train_names]
-    val_s = [by_name[n] for n in val_names]
-    hide_labels(train_s, cfg.hide_class_fraction, cfg.hide_mask_fraction, cfg.seed)
-    train_s = apply_partial_mode(train_s, cfg.partial_mode)
-    if not train_s:
-        raise ValueError("no training images left")
+    train_s, val_s, class_names, (train_names, val_names) = training_data(cfg)
     (out / "split.json").write_text(json.dumps({"train": train_names, "val": val_names}, indent=2))
 
     mcfg = ModelConfig(**{**cfg.model, "num_classes": len(class_names), "tile_size": cfg.tile_size})
