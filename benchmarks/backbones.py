@@ -14,12 +14,11 @@ Writes ``benchmarks/results/backbones.json`` and prints a table.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import time
 from pathlib import Path
 
 import numpy as np
+from common import write_result
 
 HERE = Path(__file__).resolve().parent
 
@@ -88,11 +87,7 @@ def main() -> None:
     for name, r in rows.items():
         print(f"| {name} | {r['params_M']:.1f} | {r['fp16_MB']:.0f} | {r['train_step_s']:.2f} | "
               f"{r['backbone_tile_s']:.3f} |")
-    out = HERE / "results" / "backbones.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"tile": args.tile, "machine": platform.processor() or platform.machine(),
-                               "results": rows}, indent=2))
-    print(f"wrote {out}")
+    write_result(HERE / "results" / "backbones.json", {"benchmark": "backbones", "tile": args.tile, "results": rows})
 
 
 if __name__ == "__main__":

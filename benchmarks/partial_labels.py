@@ -24,6 +24,8 @@ import argparse
 import json
 from pathlib import Path
 
+from common import write_result
+
 HERE = Path(__file__).resolve().parent
 
 VARIANTS = {
@@ -32,16 +34,6 @@ VARIANTS = {
     "c_drop_images": dict(partial_mode="drop", hide_class_fraction=0.2, hide_mask_fraction=0.2),
     "d_full_labels": dict(partial_mode="partial", hide_class_fraction=0.0, hide_mask_fraction=0.0),
 }
-
-
-def _train_images(cfg) -> int:
-    from wsiseg.training import InstanceFolder, apply_partial_mode, hide_labels, split_names
-
-    data = InstanceFolder(cfg.data)
-    train_names, _ = split_names([x.name for x in data.samples], cfg)
-    samples = [x for x in data.samples if x.name in set(train_names)]
-    hide_labels(samples, cfg.hide_class_fraction, cfg.hide_mask_fraction, cfg.seed)
-    return len(apply_partial_mode(samples, cfg.partial_mode))
 
 
 def _evaluate(run: Path, data: str) -> dict:
@@ -57,7 +49,7 @@ def _evaluate(run: Path, data: str) -> dict:
 
 
 def main() -> None:
-    from wsiseg.training import TrainConfig, train
+    from wsiseg.training import TrainConfig, train, training_data
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default=str(HERE.parent.parent / "shared" / "data" / "consep-train"))
@@ -85,7 +77,7 @@ def main() -> None:
         results[name] = {"trained": True, "pq": card.get("pq"),
                          "classification_accuracy": card.get("classification_accuracy"),
                          "f1": card.get("f1"), "aji": card.get("aji"), "step": card.get("step"),
-                         "train_images": _train_images(cfg),
+                         "train_images": len(training_data(cfg)[0]),
                          "minutes": float(log_rows[-1].split(",")[-1]) / 60 if len(log_rows) > 1 else None,
                          "pq_per_class": card.get("pq_per_class")}
     print("\n| variant | training tiles | PQ | classification accuracy | F1@0.5 | AJI |\n|---|---|---|---|---|---|")
@@ -96,10 +88,8 @@ def main() -> None:
         acc = r["classification_accuracy"]
         print(f"| {name} | {r['train_images']} | {r['pq']:.3f} | {acc if acc is None else f'{acc:.3f}'} | "
               f"{r['f1']:.3f} | {r['aji']:.3f} |")
-    out = HERE / "results" / "partial_labels.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"steps": args.steps, "results": results}, indent=2))
-    print(f"wrote {out}")
+    write_result(HERE / "results" / "partial_labels.json",
+                 {"benchmark": "partial_labels", "steps": args.steps, "results": results})
 
 
 if __name__ == "__main__":

@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import resource
 import subprocess
 import sys
@@ -31,6 +29,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from common import write_result
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -173,12 +172,8 @@ def main() -> None:
     print(f"end-to-end stage times (s): {e2e['timings_s']}")
     result = {"benchmark": "pipeline", "model": args.model, "size": args.size, "batch_size": args.batch_size,
               "forward_only": fwd, "end_to_end": e2e, "end_to_end_4x": e2e_large,
-              "forward_over_e2e": ratio, "rss_4x_over_1x": rss_growth,
-              "machine": {"cpus": os.cpu_count(), "platform": platform.platform()}}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    print(f"wrote {out}")
+              "forward_over_e2e": ratio, "rss_4x_over_1x": rss_growth}
+    write_result(args.out, result)
 
 
 if __name__ == "__main__":

@@ -11,15 +11,13 @@ copies) as the baseline. Prints a table and writes JSON.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+from common import write_result
 
 
 def make_slide(path: Path, size: int, tile: int = 256, mpp: float = 0.25) -> None:
@@ -131,14 +129,10 @@ def main() -> None:
     print("\nMP/s counts delivered tile pixels (overlap included); image MP/s counts the slide area covered.")
     result = {
         "benchmark": "read_tiles", "size": args.size, "tile": args.tile, "overlap": args.overlap,
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
         "raw_decode": {"mp": raw_mp, "mp_per_s_1_thread": raw1, f"mp_per_s_{args.workers}_threads": raw2},
         "stream": rows, "goal": "stream MP/s >= 0.5 x raw decode with 2 workers",
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    print(f"wrote {out}")
+    write_result(args.out, result)
 
 
 if __name__ == "__main__":

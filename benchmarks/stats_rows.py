@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import resource
 import subprocess
 import sys
@@ -22,6 +20,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from common import write_result
 
 
 def make_table(path: Path, n: int, row_group: int = 100_000) -> None:
@@ -84,11 +83,7 @@ def main() -> None:
               f"{r['peak_rss_mb']:>13.0f}")
     growth = results[1]["peak_rss_mb"] - results[0]["peak_rss_mb"]
     print(f"\npeak RSS growth for 10x the rows: {growth:+.0f} MB")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"benchmark": "stats_rows", "runs": results, "rss_growth_mb": growth,
-                               "machine": {"cpus": os.cpu_count(), "platform": platform.platform()}}, indent=2))
-    print(f"wrote {out}")
+    write_result(args.out, {"benchmark": "stats_rows", "runs": results, "rss_growth_mb": growth})
 
 
 if __name__ == "__main__":
