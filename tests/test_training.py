@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from wsiseg.training import (
-    PartialLabelRoIHeads, Sample, TrainConfig, apply_partial_mode, enable_partial_labels, hide_labels,
+    PartialLabelRoIHeads, Sample, TrainConfig, apply_partial_mode, enable_partial_labels, hide_labels, lr_at,
     partial_fastrcnn_loss, partial_maskrcnn_loss, random_crop, split_names, train,
 )
 
@@ -225,3 +225,13 @@ def test_evaluate_cli_threshold_baseline(tmp_path, data_dir):
     m = json.loads(out.read_text())
     assert m["images"] == 1 and m["tp"] + m["fn"] > 300  # every annotated nucleus of the image is counted
     assert 0.0 < m["pq"] < 0.5
+
+
+def test_lr_schedule_warmup_cosine_and_restart():
+    cfg = TrainConfig(lr=1.0, warmup_steps=10, steps=110, restarts=[60])
+    lrs = [lr_at(s, cfg) for s in range(111)]
+    assert lrs[0] == pytest.approx(0.05) and lrs[10] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lrs[10:60], lrs[11:60]))  # decays within the first cycle
+    assert lrs[35] == pytest.approx(0.5) and lrs[59] < 0.01
+    assert lrs[60] == pytest.approx(1.0) and lrs[85] == pytest.approx(0.5) and lrs[110] == pytest.approx(0.0)
+    assert lr_at(35, TrainConfig(lr=1.0, warmup_steps=10, steps=60)) == pytest.approx(0.5)

@@ -173,6 +173,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         cfg.out = args.out
     if args.steps:
         cfg.steps = args.steps
+    if args.max_minutes:
+        cfg.max_minutes = args.max_minutes
     best = train(cfg)
     print(json.dumps({k: v for k, v in best.items() if not isinstance(v, dict)}, indent=2))
     print(f"best model: {Path(cfg.out) / 'best.safetensors'}")
@@ -275,6 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config")
     p.add_argument("--out", default=None, help="run folder (default: the config's)")
     p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--max-minutes", type=float, default=None,
+                   help="stop this sitting after this much training time (checkpointed; run again to resume)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="PQ, AJI, F1, Dice, COCO AP (and per class) of a model on labelled images")

@@ -422,6 +422,7 @@ class TrainConfig:
     lr: float = 2e-3
     weight_decay: float = 1e-4
     warmup_steps: int = 200
+    restarts: list[int] = field(default_factory=list)  # steps where the cosine schedule restarts at lr (SGDR)
     clip_grad: float = 5.0
     val_every: int = 250
     seed: int = 0
@@ -491,9 +492,14 @@ def _to_torch(t: dict) -> dict:
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up, then cosine decay to zero at each of ``restarts`` and at ``steps``."""
     if step < cfg.warmup_steps:
         return cfg.lr * (0.05 + 0.95 * step / max(1, cfg.warmup_steps))
-    p = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    bounds = [cfg.warmup_steps] + sorted(r for r in cfg.restarts if cfg.warmup_steps < r < cfg.steps) + [cfg.steps]
+    for start, end in zip(bounds, bounds[1:]):
+        if step < end:
+            break
+    p = (step - start) / max(1, end - start)
     return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, p)))
 
 
