@@ -61,3 +61,23 @@ def test_colour_deconvolution_separates_stains():
 def test_all_features_finite():
     f = nucleus_features(ellipse(8, 5, 20, size=30), np.full((30, 30, 3), 120, np.uint8), 0.5)
     assert all(math.isfinite(v) for v in f.values())
+
+
+def test_shape_features_match_scikit_image_regionprops():
+    from skimage.measure import regionprops
+
+    rng = np.random.default_rng(3)
+    for _ in range(60):
+        h, w = rng.integers(4, 40, 2)
+        m = np.zeros((h, w), np.uint8)
+        cv2.ellipse(m, (int(w // 2), int(h // 2)), (int(rng.integers(1, w // 2 + 1)), int(rng.integers(1, h // 2 + 1))),
+                    float(rng.uniform(0, 180)), 0, 360, 1, -1)
+        m[rng.random(m.shape) < 0.1] = 1  # ragged, non-convex, sometimes several pieces
+        f = shape_features(m.astype(bool), mpp=1.0)
+        p = regionprops(np.pad(m, 1))[0]
+        assert f["solidity"] == pytest.approx(p.solidity, abs=1e-9)
+        assert f["perimeter_um"] == pytest.approx(p.perimeter_crofton, abs=1e-9)
+        assert f["major_axis_um"] == pytest.approx(p.axis_major_length, abs=1e-6)
+        assert f["minor_axis_um"] == pytest.approx(p.axis_minor_length, abs=1e-6)
+        assert f["eccentricity"] == pytest.approx(p.eccentricity, abs=1e-6)
+        assert f["equivalent_diameter_um"] == pytest.approx(p.equivalent_diameter_area, abs=1e-9)

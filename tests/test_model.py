@@ -7,7 +7,7 @@ import pytest
 import torch
 from helpers_model import tiny_model
 
-from wsiseg.inference import MaskRCNNPredictor, paste_masks, resolve_overlaps, select_device, TileDetections
+from wsiseg.inference import MaskRCNNPredictor, TileDetections, fill_holes, paste_masks, resolve_overlaps, select_device
 from wsiseg.model import ModelConfig, ModelLoadError, build_model, load_card, load_model
 
 
@@ -134,3 +134,15 @@ def test_resolve_overlaps_gives_pixels_to_higher_score():
     assert len(out) == 2
     by_score = sorted(zip(out.scores.tolist(), (int(m.sum()) for m in out.masks)))
     assert by_score[1][1] == 100 and by_score[0][1] == 50
+
+
+def test_fill_holes_matches_scipy():
+    from scipy.ndimage import binary_fill_holes
+
+    rng = np.random.default_rng(0)
+    ring = np.ones((5, 5), bool)
+    ring[2, 2] = False
+    assert fill_holes(ring).all()
+    for _ in range(200):
+        m = rng.random(tuple(rng.integers(1, 30, 2))) < rng.uniform(0.2, 0.9)
+        np.testing.assert_array_equal(fill_holes(m), binary_fill_holes(m))

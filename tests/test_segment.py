@@ -188,3 +188,39 @@ def test_oversize_error_from_writer_thread_leaves_no_output(tmp_path):
     with pytest.raises(NucleusTooLargeError, match="--overlap"):
         segment_slide(path, pred, tmp_path / "o", SegmentOptions(tissue="whole", progress=False, batch_size=1))
     assert not (tmp_path / "o").exists() and not (tmp_path / "o.partial").exists()
+
+
+@pytest.mark.parametrize("suffix", ["parquet", "csv"])
+def test_table_writer_streams_row_groups(tmp_path, suffix):
+    import pandas as pd
+
+    from wsiseg.outputs import TABLE_COLUMNS, TableWriter
+
+    rows = [{c: float(i * 10 + k) for k, c in enumerate(TABLE_COLUMNS)} for i in range(7)]
+    for i, r in enumerate(rows):
+        r.update(id=i + 1, uuid=f"u{i}", class_id=1, class_name="tumour" if i % 2 else "immune")
+    rows[3]["solidity"] = float("nan")
+    w = TableWriter(tmp_path / f"t.{suffix}", batch=3)
+    for r in rows:
+        w.write(r)
+    assert not (tmp_path / f"t.{suffix}").exists()  # only complete tables get the final name
+    path = w.close()
+    df = pd.read_parquet(path) if suffix == "parquet" else pd.read_csv(path)
+    assert list(df.columns) == TABLE_COLUMNS and len(df) == 7
+    assert df["id"].tolist() == list(range(1, 8)) and df["uuid"].tolist() == [f"u{i}" for i in range(7)]
+    assert df["class_name"].tolist() == [r["class_name"] for r in rows]
+    assert df["area_um2"].tolist() == pytest.approx([r["area_um2"] for r in rows])
+    assert np.isnan(df["solidity"][3]) and df["solidity"][4] == pytest.approx(rows[4]["solidity"])
+    if suffix == "parquet":
+        import pyarrow.parquet as pq
+
+        assert pq.ParquetFile(path).num_row_groups == 3
+
+
+def test_table_writer_without_nuclei_writes_an_empty_table(tmp_path):
+    import pandas as pd
+
+    from wsiseg.outputs import TABLE_COLUMNS, TableWriter
+
+    df = pd.read_parquet(TableWriter(tmp_path / "t.parquet").close())
+    assert len(df) == 0 and list(df.columns) == TABLE_COLUMNS

@@ -27,33 +27,53 @@ def _hed_from_rgb() -> np.ndarray:
 def shape_features(mask: np.ndarray, mpp: float) -> dict[str, float]:
     """Perimeter, equivalent diameter, axes (µm), eccentricity, solidity, circularity, orientation (degrees).
 
+    The definitions are scikit-image ``regionprops``' (Crofton perimeter, axes
+    from the inertia tensor, solidity against the convex hull image).
     Orientation is the angle of the major axis from the x axis towards +y
     (clockwise on screen, as OpenCV and QuPath draw), in degrees in (-90, 90].
     """
-    from skimage.measure import regionprops
+    from skimage.measure import perimeter_crofton
 
-    m = np.pad(mask.astype(np.uint8), 1)
-    props = regionprops(m)
-    if not props:
+    ys, xs = np.nonzero(mask)
+    area = float(len(ys))
+    if area == 0:
         return {k: float("nan") for k in FEATURE_COLUMNS[:8]}
-    p = props[0]
-    area = float(p.area)
-    perim = float(p.perimeter_crofton) if area > 1 else 4.0
+    dy, dx = ys - ys.mean(), xs - xs.mean()
+    syy, sxx, sxy = float(dy @ dy) / area, float(dx @ dx) / area, float(dx @ dy) / area
+    half_diff = math.hypot((sxx - syy) / 2, sxy)
+    l1, l2 = (sxx + syy) / 2 + half_diff, max((sxx + syy) / 2 - half_diff, 0.0)
+    perim = float(perimeter_crofton(np.pad(mask, 1), directions=4)) if area > 1 else 4.0
     circ = min(1.0, 4 * math.pi * area / perim**2) if perim > 0 else float("nan")
-    mu = p.moments_central  # mu[i, j]: i-th order in rows (y), j-th in columns (x)
-    orientation = 0.5 * math.degrees(math.atan2(2 * mu[1, 1], mu[0, 2] - mu[2, 0]))
+    orientation = 0.5 * math.degrees(math.atan2(2 * sxy, sxx - syy))
     if orientation <= -90.0:
         orientation += 180.0
+    hull = _convex_hull_pixels(mask, ys, xs) if area > 2 else area
     return {
         "perimeter_um": perim * mpp,
-        "equivalent_diameter_um": float(p.equivalent_diameter_area) * mpp,
-        "major_axis_um": float(p.axis_major_length) * mpp,
-        "minor_axis_um": float(p.axis_minor_length) * mpp,
-        "eccentricity": float(p.eccentricity),
-        "solidity": float(p.solidity),
+        "equivalent_diameter_um": math.sqrt(4 * area / math.pi) * mpp,
+        "major_axis_um": 4 * math.sqrt(l1) * mpp,
+        "minor_axis_um": 4 * math.sqrt(l2) * mpp,
+        "eccentricity": math.sqrt(1 - l2 / l1) if l1 > 0 else 0.0,
+        "solidity": area / hull if hull > 0 else 1.0,
         "circularity": circ,
         "orientation_deg": orientation,
     }
+
+
+_EDGE_MIDPOINTS = np.array([[-0.5, 0], [0.5, 0], [0, -0.5], [0, 0.5]], np.float32)
+
+
+def _convex_hull_pixels(mask: np.ndarray, ys: np.ndarray, xs: np.ndarray) -> float:
+    """Pixels whose centres lie in the convex hull of the mask's pixel-edge midpoints, borders included
+    (scikit-image's ``convex_hull_image``, with OpenCV's hull in place of Qhull)."""
+    import cv2
+    from skimage.measure import grid_points_in_poly
+
+    pts = (np.column_stack([ys, xs]).astype(np.float32)[:, None, :] + _EDGE_MIDPOINTS).reshape(-1, 2)
+    hull = cv2.convexHull(pts)[:, 0, :].astype(np.float64)
+    if len(hull) < 3:
+        return float(len(ys))
+    return float((grid_points_in_poly(mask.shape, hull, binarize=False) >= 1).sum())
 
 
 def colour_features(mask: np.ndarray, rgb: np.ndarray) -> dict[str, float]:
