@@ -211,6 +211,13 @@ def test_evaluate_cli(tmp_path, data_dir):
     m = json.loads(out.read_text())
     assert m["images"] == len(json.loads((tmp_path / "run" / "split.json").read_text())["val"])
     assert {"pq", "dq", "sq", "aji", "f1", "dice", "AP", "AP50", "AP75", "classification_accuracy"} <= set(m)
+    # a threshold above any score keeps nothing: every nucleus is missed
+    proc = subprocess.run([sys.executable, "-m", "wsiseg.cli", "evaluate", "--model", str(tmp_path / "run" / "best.safetensors"),
+                           "--data", str(data_dir / "consep-train"), "--split", str(tmp_path / "run" / "split.json"),
+                           "--score-threshold", "1.01", "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    none = json.loads(out.read_text())
+    assert none["tp"] == 0 and none["fp"] == 0 and none["fn"] == m["tp"] + m["fn"]
 
 
 def test_evaluate_cli_threshold_baseline(tmp_path, data_dir):

@@ -193,7 +193,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     model = args.model or default_model_path()
     if model is None:
         raise ValueError("no default model is bundled with this installation; pass --model")
-    pred = load_predictor(model, device="cpu")
+    pred = load_predictor(model, device="cpu", score_threshold=args.score_threshold)
     classes = pred.card.class_names
     data = InstanceFolder(args.data, names=names, class_names=classes if len(classes) > 1 else None)
     metrics = evaluate_predictor(pred, data.samples, data.class_names if len(classes) > 1 else ["nucleus"])
@@ -286,6 +286,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="folder with images/, labels/, optional classes.csv")
     p.add_argument("--split", default=None, help="split.json of a training run: evaluate its validation images")
     p.add_argument("--names", nargs="*", default=None, help="image names to evaluate")
+    p.add_argument("--score-threshold", type=float, default=None,
+                   help="keep detections scoring at least this (default: the model card's)")
     p.add_argument("--out", default=None, help="write the metrics JSON here")
     p.set_defaults(func=cmd_evaluate)
 
