@@ -317,7 +317,7 @@ class ZarrWriter:
     """
 
     def __init__(self, path: str | os.PathLike, grid: TileGrid, geom: Geometry, card: ModelCard,
-                 chunk: int = 1024, image_downsample: int = 4):
+                 chunk: int = 512, image_downsample: int = 4):
         import zarr
         from zarr.codecs import BloscCodec
 
