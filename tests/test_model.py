@@ -146,3 +146,25 @@ def test_fill_holes_matches_scipy():
     for _ in range(200):
         m = rng.random(tuple(rng.integers(1, 30, 2))) < rng.uniform(0.2, 0.9)
         np.testing.assert_array_equal(fill_holes(m), binary_fill_holes(m))
+
+
+def test_heap_trimmer_trims_at_the_watermark_only():
+    from wsiseg.inference import HeapTrimmer, _malloc_trim, _rss_bytes
+
+    rss = [100, 150, 229, 231, 120, 200, 249, 251, 140]
+    calls = []
+    t = HeapTrimmer(slack_mb=0, rss=lambda: rss.pop(0) * 2**20, trim=calls.append)
+    t.slack = 130 * 2**20
+    t()  # first call sets the limit: 100 + 130
+    t(), t()  # 150, 229: under the limit
+    assert calls == []
+    t()  # 231 > 230: trims, and the new limit is the trimmed size (120) + 130
+    assert calls == [0] and t.limit == 250 * 2**20
+    t(), t()  # 200, 249
+    assert calls == [0]
+    t()  # 251: trims again
+    assert calls == [0, 0] and t.trims == 2
+    import sys
+
+    if sys.platform.startswith("linux"):
+        assert _rss_bytes() > 0 and _malloc_trim() is not None

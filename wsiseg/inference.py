@@ -60,6 +60,58 @@ def select_device(name: str = "auto", precision: str = "auto") -> DeviceConfig:
     )
 
 
+class HeapTrimmer:
+    """Hands freed heap memory back to the operating system whenever the process has grown ``slack_mb``
+    since the last hand-back (glibc's ``malloc_trim``; a no-op elsewhere).
+
+    Tiles with different numbers of detections make differently sized tensors,
+    and glibc keeps the freed blocks: without this, resident memory climbs with
+    every tile processed, so with slide size. Trimming after every batch costs
+    about a tenth of the forward time; at a watermark it costs next to nothing.
+    """
+
+    def __init__(self, slack_mb: float = 128, rss=None, trim=None):
+        self.slack = int(slack_mb * 2**20)
+        self._rss = rss or _rss_bytes
+        self._trim = trim if trim is not None else _malloc_trim()
+        self.limit: int | None = None
+        self.trims = 0
+
+    def __call__(self) -> None:
+        if self._trim is None:
+            return
+        rss = self._rss()
+        if rss is None:
+            return
+        if self.limit is None:
+            self.limit = rss + self.slack
+        elif rss > self.limit:
+            self._trim(0)
+            self.trims += 1
+            self.limit = (self._rss() or rss) + self.slack
+
+
+def _rss_bytes() -> int | None:
+    import os
+
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _malloc_trim():
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc.malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
 @dataclass
 class TileDetections:
     """Nuclei found in one tile, in tile pixel coordinates.
@@ -178,6 +230,7 @@ class MaskRCNNPredictor:
         if self.device.channels_last:
             model = model.to(memory_format=torch.channels_last)
         self.model = model
+        self.trim_heap = HeapTrimmer()
 
     def to_tensor(self, tiles: np.ndarray) -> torch.Tensor:
         x = torch.from_numpy(np.ascontiguousarray(tiles))
@@ -205,6 +258,7 @@ class MaskRCNNPredictor:
             boxes = d["boxes"].float() * torch.tensor([sx, sy, sx, sy], device=d["boxes"].device)
             out.append({"boxes": boxes, "scores": d["scores"].float(), "labels": d["labels"],
                         "masks": d["masks"].float()})
+        self.trim_heap()
         return out
 
     def predict(self, tiles: np.ndarray) -> list[TileDetections]:
