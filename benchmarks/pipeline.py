@@ -6,7 +6,7 @@ For a generated pyramidal JPEG TIFF at 0.5 µm/px, in one run:
   model's forward pass is timed over them, in the same batches;
 * ``end to end``: ``segment_slide`` on the same slide (reading, forward,
   post-processing, stitching, writing every output);
-* ``ratio = forward only / end to end`` (goal >= 0.9: the model never waits);
+* ``ratio = forward only / end to end`` on both slides (goal >= 0.9: the model never waits);
 * peak RSS of the end-to-end run on the slide and on one 4x larger (2x each
   side), each in its own process (goal: within +10%).
 
@@ -186,9 +186,11 @@ def main() -> None:
         make_slide(large, args.size * 2, args.content)
         fwd = run_child("forward", small, model, args.batch_size, tmp / "o")
         e2e = run_child("e2e", small, model, args.batch_size, tmp / "o1")
+        fwd_large = run_child("forward", large, model, args.batch_size, tmp / "o")
         e2e_large = run_child("e2e", large, model, args.batch_size, tmp / "o2")
 
     ratio = fwd["forward_s"] / e2e["e2e_s"]
+    ratio_large = fwd_large["forward_s"] / e2e_large["e2e_s"]
     rss_growth = e2e_large["peak_rss_mb"] / e2e["peak_rss_mb"]
     print(f"model {args.model}, {args.content} slide {args.size}² px at 0.5 mpp ({fwd['tiles']} tiles), "
           f"batch {args.batch_size}")
@@ -197,15 +199,18 @@ def main() -> None:
           f"{fwd['tiles'] / fwd['forward_s']:>9.2f}{fwd['peak_rss_mb']:>13.0f}")
     print(f"{'end to end':<34}{e2e['tiles']:>7}{e2e['e2e_s']:>10.1f}{e2e['tiles'] / e2e['e2e_s']:>9.2f}"
           f"{e2e['peak_rss_mb']:>13.0f}")
+    print(f"{'forward only, 4x larger slide':<34}{fwd_large['tiles']:>7}{fwd_large['forward_s']:>10.1f}"
+          f"{fwd_large['tiles'] / fwd_large['forward_s']:>9.2f}{fwd_large['peak_rss_mb']:>13.0f}")
     print(f"{'end to end, 4x larger slide':<34}{e2e_large['tiles']:>7}{e2e_large['e2e_s']:>10.1f}"
           f"{e2e_large['tiles'] / e2e_large['e2e_s']:>9.2f}{e2e_large['peak_rss_mb']:>13.0f}")
-    print(f"\nforward / end-to-end time: {ratio:.2f} (goal >= 0.9)")
+    print(f"\nforward / end-to-end time: {ratio:.2f} on the slide, {ratio_large:.2f} on the 4x larger one "
+          f"(goal >= 0.9)")
     print(f"peak RSS, 4x larger / base: {rss_growth:.3f} (goal <= 1.10)")
     print(f"end-to-end stage times (s): {e2e['timings_s']}")
     result = {"benchmark": "pipeline", "model": args.model, "content": args.content, "size": args.size,
               "batch_size": args.batch_size,
-              "forward_only": fwd, "end_to_end": e2e, "end_to_end_4x": e2e_large,
-              "forward_over_e2e": ratio, "rss_4x_over_1x": rss_growth}
+              "forward_only": fwd, "end_to_end": e2e, "forward_only_4x": fwd_large, "end_to_end_4x": e2e_large,
+              "forward_over_e2e": ratio, "forward_over_e2e_4x": ratio_large, "rss_4x_over_1x": rss_growth}
     write_result(args.out, result)
 
 

@@ -327,6 +327,8 @@ class ZarrWriter:
             shutil.rmtree(self.tmp)
         self.grid, self.geom, self.card = grid, geom, card
         self.chunk = chunk
+        # each tile rewrites the preview chunk it falls in: small chunks keep that cheap
+        self.preview_chunk = max(64, chunk // 2)
         self.d = max(1, int(image_downsample))
         H, W = grid.height, grid.width
         self.root = zarr.open_group(str(self.tmp), mode="w", zarr_format=3)
@@ -335,7 +337,7 @@ class ZarrWriter:
         self.image_levels = _n_levels(ih, iw)
         self.label_levels = _n_levels(H, W)
         self.images = [self.root.create_array(
-            str(i), shape=(3, max(1, ih >> i), max(1, iw >> i)), chunks=(3, chunk, chunk), dtype="uint8",
+            str(i), shape=(3, max(1, ih >> i), max(1, iw >> i)), chunks=(3, self.preview_chunk, self.preview_chunk), dtype="uint8",
             fill_value=255, compressors=comp, dimension_names=("c", "y", "x")) for i in range(self.image_levels)]
         labels = self.root.create_group("labels")
         self.nuclei_grp = labels.create_group("nuclei")
