@@ -18,34 +18,26 @@ from pathlib import Path
 import numpy as np
 
 from common import write_result
-from wsiseg.inference import MaskRCNNPredictor, TileDetections, paste_masks, resolve_overlaps, select_device
+from wsiseg.inference import MaskRCNNPredictor, TileDetections, select_device
 from wsiseg.model import load_model
 from wsiseg.training import InstanceFolder, evaluate_predictor
 
 
 class CachedForward:
-    """A predictor whose forward pass is computed once per tile batch and reused."""
+    """A predictor whose forward pass is computed once per tile batch; post-processing runs every time."""
 
     def __init__(self, inner: MaskRCNNPredictor):
         self.inner, self.card = inner, inner.card
         self.cache: dict[str, list] = {}
-        self.score_threshold, self.mask_threshold = 0.5, 0.5
         self.forward_seconds = 0.0
 
     def predict(self, tiles: np.ndarray) -> list[TileDetections]:
         key = hashlib.sha1(tiles.tobytes()).hexdigest()
         if key not in self.cache:
             t = time.perf_counter()
-            self.cache[key] = [{k: v.cpu() for k, v in d.items()} for d in self.inner.forward(tiles)]
+            self.cache[key] = self.inner.forward(tiles)
             self.forward_seconds += time.perf_counter() - t
-        out = []
-        for d in self.cache[key]:
-            keep = d["scores"] >= self.score_threshold
-            probs = d["masks"][keep][:, 0].numpy()
-            ib, masks = paste_masks(probs, d["boxes"][keep].numpy(), tiles.shape[1:3], self.mask_threshold)
-            out.append(resolve_overlaps(TileDetections(ib, d["scores"][keep].numpy().astype(np.float32),
-                                                       (d["labels"][keep].numpy() - 1).astype(np.int32), masks)))
-        return out
+        return self.inner.postprocess(self.cache[key], tiles.shape[1:3])
 
 
 def main() -> None:
@@ -60,13 +52,12 @@ def main() -> None:
 
     net, card = load_model(args.model)
     pred = CachedForward(MaskRCNNPredictor(net, card, select_device("cpu")))
-    pred.inner.score_threshold = 0.0
     names = json.loads(Path(args.split).read_text())["val"]
     data = InstanceFolder(args.data, names=names)
     rows = []
     print(f"{'score':>6} {'mask':>5} {'PQ':>6} {'DQ':>6} {'SQ':>6} {'AJI':>6} {'F1':>6} {'TP':>6} {'FP':>6} {'FN':>6}")
     for s, m in itertools.product(args.scores, args.masks):
-        pred.score_threshold, pred.mask_threshold = s, m
+        pred.inner.score_threshold, pred.inner.mask_threshold = s, m
         r = evaluate_predictor(pred, data.samples, ["nucleus"])
         row = {"score_threshold": s, "mask_threshold": m,
                **{k: r[k] for k in ("pq", "dq", "sq", "aji", "f1", "dice", "tp", "fp", "fn")}}

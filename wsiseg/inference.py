@@ -226,6 +226,7 @@ class MaskRCNNPredictor:
         self.card = card
         self.device = device or select_device()
         self.score_threshold = card.score_threshold if score_threshold is None else score_threshold
+        self.mask_threshold = 0.5  # mask probability that counts as nucleus
         model = model.eval().to(self.device.device)
         if self.device.channels_last:
             model = model.to(memory_format=torch.channels_last)
@@ -273,7 +274,7 @@ class MaskRCNNPredictor:
             scores = d["scores"][keep].cpu().numpy().astype(np.float32)
             labels = (d["labels"][keep].cpu().numpy() - 1).astype(np.int32)
             probs = d["masks"][keep][:, 0].cpu().numpy()
-            ib, masks = paste_masks(probs, boxes, size)
+            ib, masks = paste_masks(probs, boxes, size, self.mask_threshold)
             results.append(resolve_overlaps(TileDetections(ib, scores, labels, masks)))
         return results
 

@@ -213,13 +213,14 @@ class TableWriter:
             self._csv = csv.DictWriter(self._fh, fieldnames=TABLE_COLUMNS, extrasaction="ignore")
             self._csv.writeheader()
         else:
-            schema = self._schema()
-            self._numeric = {f.name: np.empty(batch, f.type.to_pandas_dtype()) for f in schema
+            self.schema = self._schema()
+            self._numeric = {f.name: np.empty(batch, f.type.to_pandas_dtype()) for f in self.schema
                              if f.type.to_pandas_dtype() is not np.object_}
-            self._text = {f.name: [] for f in schema if f.name not in self._numeric}
+            self._text = {f.name: [] for f in self.schema if f.name not in self._numeric}
             self._n = 0
 
-    def _schema(self):
+    @staticmethod
+    def _schema():
         import pyarrow as pa
 
         return pa.schema([
@@ -252,14 +253,13 @@ class TableWriter:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        schema = self._schema()
         if self._writer is None:
-            self._writer = pq.ParquetWriter(self.tmp, schema, compression="zstd")
+            self._writer = pq.ParquetWriter(self.tmp, self.schema, compression="zstd")
         if self._n:
             n = self._n
             cols = [pa.array(self._numeric[f.name][:n], f.type) if f.name in self._numeric
-                    else pa.array(self._text[f.name], f.type) for f in schema]
-            self._writer.write_table(pa.Table.from_arrays(cols, schema=schema))
+                    else pa.array(self._text[f.name], f.type) for f in self.schema]
+            self._writer.write_table(pa.Table.from_arrays(cols, schema=self.schema))
         self._text = {k: [] for k in self._text}
         self._n = 0
 
@@ -337,8 +337,8 @@ class ZarrWriter:
         self.image_levels = _n_levels(ih, iw)
         self.label_levels = _n_levels(H, W)
         self.images = [self.root.create_array(
-            str(i), shape=(3, max(1, ih >> i), max(1, iw >> i)), chunks=(3, self.preview_chunk, self.preview_chunk), dtype="uint8",
-            fill_value=255, compressors=comp, dimension_names=("c", "y", "x")) for i in range(self.image_levels)]
+            str(i), shape=(3, max(1, ih >> i), max(1, iw >> i)), chunks=(3, self.preview_chunk, self.preview_chunk),
+            dtype="uint8", fill_value=255, compressors=comp, dimension_names=("c", "y", "x")) for i in range(self.image_levels)]
         labels = self.root.create_group("labels")
         self.nuclei_grp = labels.create_group("nuclei")
         self.classes_grp = labels.create_group("classes")
