@@ -242,3 +242,11 @@ def test_lr_schedule_warmup_cosine_and_restart():
     assert lrs[35] == pytest.approx(0.5) and lrs[59] < 0.01
     assert lrs[60] == pytest.approx(1.0) and lrs[85] == pytest.approx(0.5) and lrs[110] == pytest.approx(0.0)
     assert lr_at(35, TrainConfig(lr=1.0, warmup_steps=10, steps=60)) == pytest.approx(0.5)
+
+
+def test_lr_schedule_restart_peaks():
+    cfg = TrainConfig(lr=1.0, warmup_steps=10, steps=160, restarts=[60, 110], restart_peaks=[1.0, 0.5])
+    assert lr_at(60, cfg) == pytest.approx(1.0) and lr_at(85, cfg) == pytest.approx(0.5)
+    assert lr_at(110, cfg) == pytest.approx(0.5) and lr_at(135, cfg) == pytest.approx(0.25)
+    assert lr_at(160, cfg) == pytest.approx(0.0)
+    assert lr_at(110, TrainConfig(lr=1.0, warmup_steps=10, steps=160, restarts=[60, 110])) == pytest.approx(1.0)

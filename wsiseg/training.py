@@ -423,6 +423,7 @@ class TrainConfig:
     weight_decay: float = 1e-4
     warmup_steps: int = 200
     restarts: list[int] = field(default_factory=list)  # steps where the cosine schedule restarts at lr (SGDR)
+    restart_peaks: list[float] = field(default_factory=list)  # peak of each restarted cycle, as a fraction of lr (default 1)
     clip_grad: float = 5.0
     val_every: int = 250
     seed: int = 0
@@ -492,15 +493,20 @@ def _to_torch(t: dict) -> dict:
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warm-up, then cosine decay to zero at each of ``restarts`` and at ``steps``."""
+    """Linear warm-up, then cosine decay to zero at each of ``restarts`` and at ``steps``.
+
+    The cycle after the i-th restart peaks at ``lr * restart_peaks[i]`` (``lr`` where not given).
+    """
     if step < cfg.warmup_steps:
         return cfg.lr * (0.05 + 0.95 * step / max(1, cfg.warmup_steps))
-    bounds = [cfg.warmup_steps] + sorted(r for r in cfg.restarts if cfg.warmup_steps < r < cfg.steps) + [cfg.steps]
-    for start, end in zip(bounds, bounds[1:]):
+    restarts = sorted(r for r in cfg.restarts if cfg.warmup_steps < r < cfg.steps)
+    bounds = [cfg.warmup_steps] + restarts + [cfg.steps]
+    for cycle, (start, end) in enumerate(zip(bounds, bounds[1:])):
         if step < end:
             break
+    peak = cfg.restart_peaks[cycle - 1] if 0 < cycle <= len(cfg.restart_peaks) else 1.0
     p = (step - start) / max(1, end - start)
-    return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, p)))
+    return cfg.lr * peak * 0.5 * (1 + math.cos(math.pi * min(1.0, p)))
 
 
 def validate(model: torch.nn.Module, card: ModelCard, val: list[Sample], class_names: list[str]) -> dict:
