@@ -224,3 +224,27 @@ def test_table_writer_without_nuclei_writes_an_empty_table(tmp_path):
 
     df = pd.read_parquet(TableWriter(tmp_path / "t.parquet").close())
     assert len(df) == 0 and list(df.columns) == TABLE_COLUMNS
+
+
+@pytest.mark.parametrize("max_bytes", [96 << 20, 3000])
+def test_chunk_buffer_writes_what_direct_writes_would(tmp_path, max_bytes):
+    from wsiseg.outputs import ChunkBuffer
+
+    rng = np.random.default_rng(1)
+    H, W = 150, 230
+    xs, ys = [0, 37, 90, 141, 200, 230], [0, 50, 99, 150]
+    rects = [(ys[i], xs[j], ys[i + 1], xs[j + 1]) for i in range(3) for j in range(5) if rng.random() > 0.2]
+    order = [rects[k] for k in rng.permutation(len(rects))]
+    arr = zarr.create_array(str(tmp_path / "a.zarr"), shape=(2, H, W), chunks=(2, 32, 40), dtype="uint16",
+                            fill_value=7)
+    expected = np.full((2, H, W), 7, np.uint16)
+    buf = ChunkBuffer(arr, rects, max_bytes=max_bytes)
+    for r in order:
+        data = rng.integers(0, 60000, (2, r[2] - r[0], r[3] - r[1]), dtype=np.uint16)
+        expected[:, r[0] : r[2], r[1] : r[3]] = data
+        buf.write(r, data)
+    buf.close()
+    np.testing.assert_array_equal(arr[:], expected)
+    assert buf.nbytes == 0 and not buf.buffers
+    if max_bytes == 3000:
+        assert buf.spilled and buf.max_nbytes <= 3000 + 9 * (2 * 32 * 40 * 2)  # at most one rectangle past the cap

@@ -307,6 +307,79 @@ def _n_levels(h: int, w: int, min_size: int = 512) -> int:
     return n
 
 
+class ChunkBuffer:
+    """Collects rectangle writes into a 2-D chunked Zarr array ``(c, y, x)`` and writes each chunk once, whole.
+
+    ``rects`` are all the ``(y0, x0, y1, x1)`` rectangles that will be written
+    (each once). A chunk is written when the last rectangle touching it
+    arrives, so no chunk is read back and re-compressed per tile. Past
+    ``max_bytes`` of buffers, the oldest buffer is written as it stands and
+    later rectangles in its chunk go straight to the array.
+    """
+
+    def __init__(self, array, rects: list[tuple[int, int, int, int]], max_bytes: int = 96 << 20):
+        self.array = array
+        _, self.cy, self.cx = array.chunks
+        self.max_bytes = max_bytes
+        self.pending: dict[tuple[int, int], int] = {}
+        for r in rects:
+            for key in self._chunks(r):
+                self.pending[key] = self.pending.get(key, 0) + 1
+        self.buffers: dict[tuple[int, int], np.ndarray] = {}
+        self.spilled: set[tuple[int, int]] = set()
+        self.nbytes = 0
+        self.max_nbytes = 0
+
+    def _chunks(self, rect: tuple[int, int, int, int]):
+        y0, x0, y1, x1 = rect
+        for i in range(y0 // self.cy, -(-y1 // self.cy)):
+            for j in range(x0 // self.cx, -(-x1 // self.cx)):
+                yield (i, j)
+
+    def _bounds(self, key: tuple[int, int]) -> tuple[int, int, int, int]:
+        _, H, W = self.array.shape
+        y, x = key[0] * self.cy, key[1] * self.cx
+        return y, x, min(y + self.cy, H), min(x + self.cx, W)
+
+    def write(self, rect: tuple[int, int, int, int], data: np.ndarray) -> None:
+        """Write ``data`` (``(c, y1 - y0, x1 - x0)``) at ``rect``."""
+        y0, x0, y1, x1 = rect
+        if y1 <= y0 or x1 <= x0:
+            return
+        for key in self._chunks(rect):
+            by0, bx0, by1, bx1 = self._bounds(key)
+            iy0, ix0, iy1, ix1 = max(y0, by0), max(x0, bx0), min(y1, by1), min(x1, bx1)
+            part = data[:, iy0 - y0 : iy1 - y0, ix0 - x0 : ix1 - x0]
+            self.pending[key] -= 1
+            if key in self.spilled:
+                self.array[:, iy0:iy1, ix0:ix1] = part
+                continue
+            buf = self.buffers.get(key)
+            if buf is None:
+                buf = np.full((data.shape[0], by1 - by0, bx1 - bx0), self.array.fill_value, self.array.dtype)
+                self.buffers[key] = buf
+                self.nbytes += buf.nbytes
+            buf[:, iy0 - by0 : iy1 - by0, ix0 - bx0 : ix1 - bx0] = part
+            if self.pending[key] <= 0:
+                self._flush(key)
+        self.max_nbytes = max(self.max_nbytes, self.nbytes)
+        while self.nbytes > self.max_bytes and self.buffers:
+            key = next(iter(self.buffers))
+            self._flush(key)
+            self.spilled.add(key)
+
+    def _flush(self, key: tuple[int, int]) -> None:
+        buf = self.buffers.pop(key)
+        self.nbytes -= buf.nbytes
+        by0, bx0, by1, bx1 = self._bounds(key)
+        self.array[:, by0:by1, bx0:bx1] = buf
+
+    def close(self) -> None:
+        """Write what is still buffered (chunks some rectangle never reached)."""
+        for key in list(self.buffers):
+            self._flush(key)
+
+
 class ZarrWriter:
     """OME-Zarr 0.5 (Zarr v3): an RGB preview image with ``labels/nuclei`` and ``labels/classes``.
 
@@ -349,6 +422,10 @@ class ZarrWriter:
             str(i), shape=(1, max(1, H >> i), max(1, W >> i)), chunks=(1, chunk, chunk), dtype="uint8",
             fill_value=0, compressors=comp, dimension_names=("c", "y", "x")) for i in range(self.label_levels)]
         self._pos = {(t.row, t.col): t for t in grid.tiles}
+        cores = [(t.core[1], t.core[0], t.core[3], t.core[2]) for t in grid.tiles]
+        self._ids_out = ChunkBuffer(self.nuclei[0], cores)
+        self._cls_out = ChunkBuffer(self.classes[0], cores)
+        self._preview_out = ChunkBuffer(self.images[0], [r for t in grid.tiles if (r := self._preview_rect(t))])
         self._done: set[tuple[int, int]] = set()
         self._painted: set[tuple[int, int]] = set()
         self._nuclei: dict[tuple[int, int], list[Nucleus]] = {}
@@ -379,20 +456,28 @@ class ZarrWriter:
                 if nb in self._nuclei and all(x in self._painted for x in self._neighbours(nb)):
                     del self._nuclei[nb]
 
+    def _preview_rect(self, tile: Tile) -> tuple[int, int, int, int] | None:
+        """(y0, x0, y1, x1) of the tile's core in the preview image, or None when it covers no preview pixel."""
+        x0, y0, x1, y1 = tile.core
+        d = self.d
+        ph, pw = self.images[0].shape[1:]
+        py0, px0 = y0 // d, x0 // d
+        py1, px1 = min(-(-y1 // d), ph), min(-(-x1 // d), pw)
+        return (py0, px0, py1, px1) if py1 > py0 and px1 > px0 else None
+
     def _write_preview(self, tile: Tile, pixels: np.ndarray) -> None:
         import cv2
 
-        x0, y0, x1, y1 = tile.core
-        d = self.d
-        px0, py0, px1, py1 = x0 // d, y0 // d, -(-x1 // d), -(-y1 // d)
-        crop = pixels[py0 * d - tile.y : py1 * d - tile.y, px0 * d - tile.x : px1 * d - tile.x]
-        if crop.size == 0:
+        rect = self._preview_rect(tile)
+        if rect is None:
             return
+        py0, px0, py1, px1 = rect
+        d = self.d
+        ey1, ex1 = -(-tile.core[3] // d), -(-tile.core[2] // d)  # the preview pixels the core reaches, uncropped
+        crop = pixels[py0 * d - tile.y : ey1 * d - tile.y, px0 * d - tile.x : ex1 * d - tile.x]
         if d > 1:
-            crop = cv2.resize(crop, (px1 - px0, py1 - py0), interpolation=cv2.INTER_AREA)
-        ph, pw = self.images[0].shape[1:]
-        py1, px1 = min(py1, ph), min(px1, pw)
-        self.images[0][:, py0:py1, px0:px1] = np.moveaxis(crop[: py1 - py0, : px1 - px0], -1, 0)
+            crop = cv2.resize(crop, (ex1 - px0, ey1 - py0), interpolation=cv2.INTER_AREA)
+        self._preview_out.write(rect, np.moveaxis(crop[: py1 - py0, : px1 - px0], -1, 0))
 
     def _paint(self, rc: tuple[int, int]) -> None:
         x0, y0, x1, y1 = self._pos[rc].core
@@ -410,8 +495,8 @@ class ZarrWriter:
             free = m & (dst == 0)
             dst[free] = n.id
             cls[iy0 - y0 : iy1 - y0, ix0 - x0 : ix1 - x0][free] = n.label + 1
-        self.nuclei[0][0, y0:y1, x0:x1] = ids
-        self.classes[0][0, y0:y1, x0:x1] = cls
+        self._ids_out.write((y0, x0, y1, x1), ids[None])
+        self._cls_out.write((y0, x0, y1, x1), cls[None])
         self._painted.add(rc)
 
     def _pyramid(self, arrays: list, mode: str) -> None:
@@ -441,6 +526,8 @@ class ZarrWriter:
         missing = [rc for rc in self._pos if rc not in self._painted]
         if missing:
             raise RuntimeError(f"{len(missing)} tiles were never completed; the label image would be incomplete")
+        for buf in (self._ids_out, self._cls_out, self._preview_out):
+            buf.close()
         self._pyramid(self.images, "area")
         self._pyramid(self.nuclei, "nearest")
         self._pyramid(self.classes, "nearest")
