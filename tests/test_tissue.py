@@ -45,12 +45,16 @@ def test_blank_glass_has_no_tissue():
 def test_detect_tissue_on_real_slide(slides_dir):
     s = open_slide(slides_dir / "CMU-1-Small-Region.svs")
     m = detect_tissue(s)
-    thumb, ds = s.thumbnail(2048)
-    assert m.mask.shape == thumb.shape[:2] and m.downsample == pytest.approx(ds)
+    ds = m.downsample
+    assert ds * s.mpp == pytest.approx(2.0, rel=0.05)  # the mask is no finer than 2 µm per pixel
     # glass at the top-left corner, tissue in the middle of the section
-    assert not m.mask[:50, :50].any()
+    assert not m.mask[:25, :25].any()
     assert m.mask[int(1800 / ds), int(1000 / ds)]
     assert 0.2 < m.mask.mean() < 0.6
+    # the same tissue as detected on the full-resolution image
+    fine = detect_tissue(s, finest_um=0.0)
+    assert fine.downsample < ds / 2
+    assert m.area_mm2(s.mpp) == pytest.approx(fine.area_mm2(s.mpp), rel=0.05)
 
 
 def test_geojson_region_replaces_detection(slides_dir, tmp_path):

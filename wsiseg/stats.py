@@ -211,19 +211,17 @@ def summary_rows(summary: dict) -> list[dict]:
 
 def _png(fig) -> bytes:
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    fig.savefig(buf, format="png", dpi=110)
     return buf.getvalue()
 
 
 def _plots(st: SlideStats, colors: dict[str, tuple[int, int, int]]) -> dict[str, bytes]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: no global state, safe in worker threads
 
     out = {}
     feats = ["area_um2", "circularity", "eccentricity", "hematoxylin_od", "eosin_od", "equivalent_diameter_um"]
-    fig, axes = plt.subplots(2, 3, figsize=(12, 6.5))
+    fig = Figure(figsize=(12, 6.5))
+    axes = fig.subplots(2, 3)
     for ax, f in zip(axes.ravel(), feats):
         lo, hi = RANGES[f]
         centres = lo + (np.arange(BINS) + 0.5) * (hi - lo) / BINS
@@ -242,11 +240,11 @@ def _plots(st: SlideStats, colors: dict[str, tuple[int, int, int]]) -> dict[str,
         axes[0, 0].legend(fontsize=8)
     fig.tight_layout()
     out["histograms.png"] = _png(fig)
-    plt.close(fig)
     if st.density is not None:
         d = st.density_per_mm2()
-        n = d.shape[0]
-        fig, axes = plt.subplots(1, n, figsize=(4 * n, 4), squeeze=False)
+        n = 1 if d.shape[0] == 2 else d.shape[0]  # one class: its map is the map of all nuclei
+        fig = Figure(figsize=(4 * n, 4))
+        axes = fig.subplots(1, n, squeeze=False)
         for i, ax in enumerate(axes[0]):
             im = ax.imshow(d[i], cmap="magma", interpolation="nearest")
             ax.set_title("all nuclei" if i == 0 else st.class_names[i - 1])
@@ -254,7 +252,6 @@ def _plots(st: SlideStats, colors: dict[str, tuple[int, int, int]]) -> dict[str,
             fig.colorbar(im, ax=ax, fraction=0.046, label=f"nuclei / mm² ({st.cell_um:g} µm cells)")
         fig.tight_layout()
         out["density.png"] = _png(fig)
-        plt.close(fig)
     return out
 
 
