@@ -1,7 +1,8 @@
-"""Score and mask thresholds of a model, chosen on its validation split only.
+"""Box NMS, score and mask thresholds of a model, chosen on its validation split only.
 
-The model runs once per validation tile; each (score threshold, mask threshold)
-pair then only re-runs post-processing, stitching and evaluation.
+The model runs once per validation tile and NMS threshold; each (score
+threshold, mask threshold) pair then only re-runs post-processing, stitching
+and evaluation.
 
     python benchmarks/postprocess_sweep.py --split configs/default-split.json
 """
@@ -47,6 +48,8 @@ def main() -> None:
     ap.add_argument("--split", required=True, help="split.json whose 'val' images are used (and nothing else)")
     ap.add_argument("--scores", type=float, nargs="+", default=[0.3, 0.4, 0.5, 0.6, 0.7])
     ap.add_argument("--masks", type=float, nargs="+", default=[0.4, 0.5, 0.6])
+    ap.add_argument("--nms", type=float, nargs="+", default=None,
+                    help="box NMS IoU thresholds (default: the model card's)")
     ap.add_argument("--out", default="benchmarks/results/postprocess_sweep.json")
     args = ap.parse_args()
 
@@ -55,18 +58,22 @@ def main() -> None:
     names = json.loads(Path(args.split).read_text())["val"]
     data = InstanceFolder(args.data, names=names)
     rows = []
-    print(f"{'score':>6} {'mask':>5} {'PQ':>6} {'DQ':>6} {'SQ':>6} {'AJI':>6} {'F1':>6} {'TP':>6} {'FP':>6} {'FN':>6}")
-    for s, m in itertools.product(args.scores, args.masks):
+    nms_values = args.nms or [card.config.nms_thresh]
+    print(f"{'nms':>5} {'score':>6} {'mask':>5} {'PQ':>6} {'DQ':>6} {'SQ':>6} {'AJI':>6} {'F1':>6} {'TP':>6} {'FP':>6} {'FN':>6}")
+    for nms, s, m in itertools.product(nms_values, args.scores, args.masks):
+        if net.roi_heads.nms_thresh != nms:
+            net.roi_heads.nms_thresh = nms
+            pred.cache.clear()
         pred.inner.score_threshold, pred.inner.mask_threshold = s, m
         r = evaluate_predictor(pred, data.samples, ["nucleus"])
-        row = {"score_threshold": s, "mask_threshold": m,
+        row = {"nms_threshold": nms, "score_threshold": s, "mask_threshold": m,
                **{k: r[k] for k in ("pq", "dq", "sq", "aji", "f1", "dice", "tp", "fp", "fn")}}
         rows.append(row)
-        print(f"{s:6.2f} {m:5.2f} {r['pq']:6.3f} {r['dq']:6.3f} {r['sq']:6.3f} {r['aji']:6.3f} {r['f1']:6.3f} "
+        print(f"{nms:5.2f} {s:6.2f} {m:5.2f} {r['pq']:6.3f} {r['dq']:6.3f} {r['sq']:6.3f} {r['aji']:6.3f} {r['f1']:6.3f} "
               f"{r['tp']:6d} {r['fp']:6d} {r['fn']:6d}")
     best = max(rows, key=lambda r: r["pq"])
-    print(f"best PQ: score {best['score_threshold']}, mask {best['mask_threshold']} -> PQ {best['pq']:.3f}, "
-          f"F1 {best['f1']:.3f}  (model forward {pred.forward_seconds:.0f} s, once)")
+    print(f"best PQ: nms {best['nms_threshold']}, score {best['score_threshold']}, mask {best['mask_threshold']} -> PQ {best['pq']:.3f}, "
+          f"F1 {best['f1']:.3f}  (model forward {pred.forward_seconds:.0f} s, once per NMS threshold)")
     write_result(args.out, {"model": args.model, "split": args.split, "val_images": names, "rows": rows,
                             "best_by_pq": best})
 
