@@ -425,7 +425,7 @@ class ZarrWriter:
         cores = [(t.core[1], t.core[0], t.core[3], t.core[2]) for t in grid.tiles]
         self._ids_out = ChunkBuffer(self.nuclei[0], cores)
         self._cls_out = ChunkBuffer(self.classes[0], cores)
-        self._preview_out = ChunkBuffer(self.images[0], [r for t in grid.tiles if (r := self._preview_rect(t))])
+        self._preview_out = ChunkBuffer(self.images[0], [self._preview_rect(t) for t in grid.tiles])
         self._done: set[tuple[int, int]] = set()
         self._painted: set[tuple[int, int]] = set()
         self._nuclei: dict[tuple[int, int], list[Nucleus]] = {}
@@ -456,28 +456,23 @@ class ZarrWriter:
                 if nb in self._nuclei and all(x in self._painted for x in self._neighbours(nb)):
                     del self._nuclei[nb]
 
-    def _preview_rect(self, tile: Tile) -> tuple[int, int, int, int] | None:
-        """(y0, x0, y1, x1) of the tile's core in the preview image, or None when it covers no preview pixel."""
+    def _preview_rect(self, tile: Tile) -> tuple[int, int, int, int]:
+        """(y0, x0, y1, x1): the preview pixels the tile's core reaches (inside the preview, as the core is
+        inside the image and the preview is ``ceil(extent / d)`` long)."""
         x0, y0, x1, y1 = tile.core
         d = self.d
-        ph, pw = self.images[0].shape[1:]
-        py0, px0 = y0 // d, x0 // d
-        py1, px1 = min(-(-y1 // d), ph), min(-(-x1 // d), pw)
-        return (py0, px0, py1, px1) if py1 > py0 and px1 > px0 else None
+        return (y0 // d, x0 // d, -(-y1 // d), -(-x1 // d))
 
     def _write_preview(self, tile: Tile, pixels: np.ndarray) -> None:
         import cv2
 
         rect = self._preview_rect(tile)
-        if rect is None:
-            return
         py0, px0, py1, px1 = rect
         d = self.d
-        ey1, ex1 = -(-tile.core[3] // d), -(-tile.core[2] // d)  # the preview pixels the core reaches, uncropped
-        crop = pixels[py0 * d - tile.y : ey1 * d - tile.y, px0 * d - tile.x : ex1 * d - tile.x]
+        crop = pixels[py0 * d - tile.y : py1 * d - tile.y, px0 * d - tile.x : px1 * d - tile.x]
         if d > 1:
-            crop = cv2.resize(crop, (ex1 - px0, ey1 - py0), interpolation=cv2.INTER_AREA)
-        self._preview_out.write(rect, np.moveaxis(crop[: py1 - py0, : px1 - px0], -1, 0))
+            crop = cv2.resize(crop, (px1 - px0, py1 - py0), interpolation=cv2.INTER_AREA)
+        self._preview_out.write(rect, np.moveaxis(crop, -1, 0))
 
     def _paint(self, rc: tuple[int, int]) -> None:
         x0, y0, x1, y1 = self._pos[rc].core

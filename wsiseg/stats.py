@@ -216,7 +216,8 @@ def _png(fig) -> bytes:
 
 
 def _plots(st: SlideStats, colors: dict[str, tuple[int, int, int]]) -> dict[str, bytes]:
-    from matplotlib.figure import Figure  # no pyplot: no global state, safe in worker threads
+    # no pyplot: no global state, safe in worker threads
+    from matplotlib.figure import Figure
 
     out = {}
     feats = ["area_um2", "circularity", "eccentricity", "hematoxylin_od", "eosin_od", "equivalent_diameter_um"]
