@@ -36,6 +36,21 @@ def test_tissue_found_and_pen_marks_and_specks_ignored():
     assert not mask[:, 440:].any(), "pen, ink and dust are not tissue"
 
 
+def test_area_rule_drops_small_fragments_and_fills_small_holes():
+    # 8 µm pixels, min area 5000 µm² = 78 px: fragments and holes are judged by their area
+    img = np.full((300, 400, 3), 245, np.uint8)
+    pink = (200, 110, 170)
+    cv2.rectangle(img, (20, 20), (200, 200), pink, -1)
+    cv2.rectangle(img, (60, 60), (65, 65), (245, 245, 245), -1)  # 36 px hole: filled
+    cv2.rectangle(img, (120, 120), (139, 139), (245, 245, 245), -1)  # 400 px hole: kept
+    cv2.rectangle(img, (260, 40), (265, 45), pink, -1)  # 36 px fragment: dropped
+    cv2.rectangle(img, (260, 150), (289, 179), pink, -1)  # 900 px fragment: kept
+    mask = tissue_from_rgb(img, px_um=8.0)
+    assert mask[62, 62] and not mask[130, 130]
+    assert not mask[30:60, 250:280].any() and mask[165, 275]
+    assert mask[100, 100] and not mask[250, 100]
+
+
 def test_blank_glass_has_no_tissue():
     rng = np.random.default_rng(1)
     img = np.clip(240 + rng.normal(0, 4, (300, 300, 3)), 0, 255).astype(np.uint8)

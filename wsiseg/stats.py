@@ -239,7 +239,8 @@ def _plots(st: SlideStats, colors: dict[str, tuple[int, int, int]]) -> dict[str,
             ax.set_xlim(lo, min(hi, st.acc["all"][f].quantile(0.995) * 1.2 if f != "orientation_deg" else hi))
     if axes[0, 0].get_legend_handles_labels()[0]:
         axes[0, 0].legend(fontsize=8)
-    fig.tight_layout()
+    # fixed margins: tight_layout draws every tick label twice and costs more than the plots
+    fig.subplots_adjust(left=0.06, right=0.98, bottom=0.06, top=0.95, wspace=0.3, hspace=0.3)
     out["histograms.png"] = _png(fig)
     if st.density is not None:
         d = st.density_per_mm2()

@@ -39,11 +39,23 @@ class TissueMask:
 
 
 def _otsu(values: np.ndarray) -> float:
-    from skimage.filters import threshold_otsu
+    """Otsu's threshold of uint8 values."""
+    import cv2
 
     if values.size == 0 or values.min() == values.max():
         return float(values.max()) if values.size else 0.0
-    return float(threshold_otsu(values))
+    t, _ = cv2.threshold(values.reshape(1, -1), 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+    return float(t)
+
+
+def _drop_small(mask: np.ndarray, max_px: int) -> np.ndarray:
+    """``mask`` without its 4-connected components of at most ``max_px`` pixels."""
+    import cv2
+
+    _, labels, st, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=4)
+    keep = st[:, cv2.CC_STAT_AREA] > max_px
+    keep[0] = False
+    return keep[labels]
 
 
 def tissue_from_rgb(
@@ -62,18 +74,17 @@ def tissue_from_rgb(
     scaled to the overview size.
     """
     import cv2
-    from scipy import ndimage
-    from skimage import morphology
 
-    hsv = cv2.cvtColor(rgb, cv2.COLOR_RGB2HSV_FULL).astype(np.float32) / 255.0
+    hsv8 = cv2.cvtColor(rgb, cv2.COLOR_RGB2HSV_FULL)
+    hsv = hsv8.astype(np.float32) / 255.0
     hue, sat, val = hsv[..., 0] * 360.0, hsv[..., 1], hsv[..., 2]
     # Hematoxylin/eosin hues run from blue-purple through pink to red-orange;
     # green and cyan-blue inks fall outside, black ink is dark and grey.
     green_blue_ink = (hue > 70) & (hue < 245) & (sat > 0.3)
     black_ink = (val < 0.25) & (sat < 0.25)
     ink = green_blue_ink | black_ink
-    candidates = sat[~ink & (val > 0.1)]
-    t = float(np.clip(_otsu(candidates), min_saturation, max_saturation)) if candidates.size else 1.0
+    candidates = hsv8[..., 1][~ink & (val > 0.1)]
+    t = float(np.clip(_otsu(candidates) / 255.0, min_saturation, max_saturation)) if candidates.size else 1.0
     mask = (sat > t) & ~ink & (val < 0.98)
 
     if px_um is not None and px_um > 0:
@@ -83,12 +94,13 @@ def tissue_from_rgb(
         min_px = max(1, mask.size // 20000)
         radius = 1
     radius = min(radius, 4)
-    se = morphology.disk(radius)
-    mask = ndimage.binary_closing(mask, structure=se, iterations=1, border_value=0)
-    mask = ndimage.binary_opening(mask, structure=se, iterations=1)
-    mask = morphology.remove_small_objects(mask, max_size=min_px)
-    mask = morphology.remove_small_holes(mask, max_size=min_px)
-    return mask
+    yy, xx = np.mgrid[-radius : radius + 1, -radius : radius + 1]
+    se = (yy**2 + xx**2 <= radius**2).astype(np.uint8)
+    m = mask.astype(np.uint8)
+    m = cv2.morphologyEx(m, cv2.MORPH_CLOSE, se, borderType=cv2.BORDER_CONSTANT, borderValue=0)
+    m = cv2.morphologyEx(m, cv2.MORPH_OPEN, se, borderType=cv2.BORDER_CONSTANT, borderValue=0)
+    mask = _drop_small(m > 0, min_px)
+    return ~_drop_small(~mask, min_px)
 
 
 def detect_tissue(slide: Slide, max_size: int = 2048, finest_um: float = 2.0) -> TissueMask:
