@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from common import write_result
-from wsiseg.inference import MaskRCNNPredictor, TileDetections, select_device
+from wsiseg.detections import TileDetections
+from wsiseg.inference import MaskRCNNPredictor, select_device
 from wsiseg.model import load_model
 from wsiseg.training import InstanceFolder, evaluate_predictor
 

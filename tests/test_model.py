@@ -7,7 +7,8 @@ import pytest
 import torch
 from helpers_model import tiny_model
 
-from wsiseg.inference import MaskRCNNPredictor, TileDetections, fill_holes, paste_masks, resolve_overlaps, select_device
+from wsiseg.detections import TileDetections, fill_holes, paste_masks, resolve_overlaps
+from wsiseg.inference import MaskRCNNPredictor, select_device
 from wsiseg.model import ModelConfig, ModelLoadError, build_model, load_card, load_model
 
 

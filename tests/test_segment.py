@@ -178,7 +178,8 @@ def test_segment_cli_errors(slides_dir, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
-def test_oversize_error_from_writer_thread_leaves_no_output(tmp_path):
+@pytest.mark.parametrize("writer", ["process", "thread"])
+def test_oversize_error_from_the_writer_leaves_no_output(tmp_path, writer):
     img = np.full((400, 400, 3), (236, 170, 200), np.uint8)
     img[150:260, 100:150] = (40, 18, 90)  # 50x110 px: wider than a 32 px overlap allows
     path = write_pyramid_tiff(tmp_path / "big.tif", img, 0.5, levels=1, compression="zlib")
@@ -186,8 +187,74 @@ def test_oversize_error_from_writer_thread_leaves_no_output(tmp_path):
     from wsiseg.stitching import NucleusTooLargeError
 
     with pytest.raises(NucleusTooLargeError, match="--overlap"):
+        segment_slide(path, pred, tmp_path / "o", SegmentOptions(tissue="whole", progress=False, batch_size=1,
+                                                                 writer=writer))
+    assert not (tmp_path / "o").exists() and not (tmp_path / "o.partial").exists()
+
+
+def test_writer_process_and_thread_write_the_same_outputs(tmp_path):
+    path, _, _ = _slide(tmp_path, h=300, w=400, mpp=0.5, seed=2)
+    model_path, _, _ = tiny_model(tmp_path, classes=("tumour", "immune"))
+    pred = load_predictor(str(model_path), device="cpu")
+    runs = {}
+    for writer in ("process", "thread"):
+        out = tmp_path / writer
+        s = segment_slide(path, pred, out, SegmentOptions(tissue="whole", progress=False, on_oversize="drop",
+                                                          writer=writer, stats=False))
+        assert s["writer"] == writer and s["nuclei"] > 0
+        labels = zarr.open_group(str(out / "synth.ome.zarr"), mode="r")["labels/nuclei/0"][:]
+        runs[writer] = (pd.read_parquet(out / "synth.nuclei.parquet"), _read_geojson(out / "synth.geojson.gz"), labels)
+    (ta, ga, la), (tb, gb, lb) = runs["process"], runs["thread"]
+    pd.testing.assert_frame_equal(ta, tb)
+    assert ga == gb
+    assert np.array_equal(la, lb)
+
+
+def test_writer_process_that_dies_is_reported_and_leaves_no_output(tmp_path):
+    import multiprocessing as mp
+    import os
+    import signal
+
+    from wsiseg.sink import WriterProcessError
+
+    path, _, _ = _slide(tmp_path, h=300, w=300)
+
+    class KillsWriter(ThresholdPredictor):
+        calls = 0
+
+        def predict(self, tiles):
+            KillsWriter.calls += 1
+            if KillsWriter.calls == 2:
+                for p in mp.active_children():
+                    if p.name == "wsiseg-writer":
+                        os.kill(p.pid, signal.SIGKILL)
+                        p.join()
+            return super().predict(tiles)
+
+    pred = KillsWriter(threshold_card(mpp=0.5, tile_size=128, overlap=48))
+    with pytest.raises(WriterProcessError, match="exit code -9"):
         segment_slide(path, pred, tmp_path / "o", SegmentOptions(tissue="whole", progress=False, batch_size=1))
     assert not (tmp_path / "o").exists() and not (tmp_path / "o.partial").exists()
+
+
+def _segment_in_child(path, out, results) -> None:
+    pred = ThresholdPredictor(threshold_card(mpp=0.5, tile_size=128, overlap=48))
+    s = segment_slide(path, pred, out, SegmentOptions(tissue="whole", progress=False, stats=False))
+    results.put((s["writer"], s["nuclei"]))
+
+
+def test_daemonic_process_writes_in_a_thread(tmp_path):
+    # a Dask worker is daemonic and may not start children: the writer runs in a thread there
+    import multiprocessing as mp
+
+    path, _, _ = _slide(tmp_path, h=300, w=300)
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    p = ctx.Process(target=_segment_in_child, args=(path, tmp_path / "o", results), daemon=True)
+    p.start()
+    writer, nuclei = results.get(timeout=120)
+    p.join(timeout=60)
+    assert p.exitcode == 0 and writer == "thread" and nuclei > 0
 
 
 @pytest.mark.parametrize("suffix", ["parquet", "csv"])

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from conftest import synthetic_he
 
-from wsiseg.inference import ThresholdPredictor, TileDetections, threshold_card
+from wsiseg.detections import TileDetections
+from wsiseg.inference import ThresholdPredictor, threshold_card
 from wsiseg.stitching import NucleusTooLargeError, Stitcher
 from wsiseg.tiling import make_grid
 

@@ -6,10 +6,9 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
-
 from pathlib import Path
 
-from .model import ModelLoadError
+from .card import ModelLoadError
 from .slide import SlideError, open_slide
 from .stitching import NucleusTooLargeError
 
@@ -121,6 +120,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
     opts = SegmentOptions(
         mpp=args.mpp, backend=args.backend, tissue=tissue, tile_size=args.tile_size, overlap=args.overlap,
         batch_size=args.batch_size, workers=args.workers, prefetch=args.prefetch, on_oversize=args.on_oversize,
+        writer=args.writer,
         geojson=args.geojson, table=args.table, zarr=not args.no_zarr, progress=not args.quiet,
         overwrite=args.overwrite, stats=not args.no_stats, density_cell_um=args.density_cell_um,
     )
@@ -150,7 +150,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
     tissue = args.region or ("whole" if args.whole_slide else "detect")
     opts = SegmentOptions(mpp=args.mpp, backend=args.backend, tissue=tissue, tile_size=args.tile_size,
                           overlap=args.overlap, batch_size=args.batch_size, workers=args.read_workers,
-                          on_oversize=args.on_oversize, geojson=args.geojson, table=args.table,
+                          on_oversize=args.on_oversize, writer=args.writer, geojson=args.geojson, table=args.table,
                           zarr=not args.no_zarr, stats=not args.no_stats)
 
     def report(name: str, entry: dict) -> None:
@@ -241,6 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--score-threshold", type=float, default=None)
     p.add_argument("--on-oversize", default="error", choices=["error", "drop"],
                    help="what to do with a nucleus wider than the overlap allows")
+    p.add_argument("--writer", default="process", choices=["process", "thread"],
+                   help="run stitching and the writers in a low-priority process (default) or a thread")
     p.add_argument("--geojson", default="geojson.gz", choices=["geojson", "geojson.gz", "none"])
     p.add_argument("--table", default="parquet", choices=["parquet", "csv"])
     p.add_argument("--no-zarr", action="store_true", help="skip the OME-Zarr label images")
@@ -267,6 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     p.add_argument("--on-oversize", default="error", choices=["error", "drop"])
+    p.add_argument("--writer", default="process", choices=["process", "thread"])
     p.add_argument("--geojson", default="geojson.gz", choices=["geojson", "geojson.gz", "none"])
     p.add_argument("--table", default="parquet", choices=["parquet", "csv"])
     p.add_argument("--no-zarr", action="store_true")

@@ -14,7 +14,11 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from .model import ModelCard
+from .card import ModelCard
+from .detections import (
+    TileDetections,
+    detections_from_raw,
+)
 
 
 @dataclass(frozen=True)
@@ -112,110 +116,12 @@ def _malloc_trim():
         return None
 
 
-@dataclass
-class TileDetections:
-    """Nuclei found in one tile, in tile pixel coordinates.
-
-    ``masks[i]`` is a boolean crop covering ``boxes[i]`` (x0, y0, x1, y1,
-    integer, half-open). ``labels`` are 0-based class indices into the model
-    card's classes.
-    """
-
-    boxes: np.ndarray  # (n, 4) int32
-    scores: np.ndarray  # (n,) float32
-    labels: np.ndarray  # (n,) int32
-    masks: list[np.ndarray]
-
-    def __len__(self) -> int:
-        return len(self.scores)
-
-    @classmethod
-    def empty(cls) -> "TileDetections":
-        return cls(np.zeros((0, 4), np.int32), np.zeros(0, np.float32), np.zeros(0, np.int32), [])
-
-
 class Predictor(Protocol):
     card: ModelCard
 
     def predict(self, tiles: np.ndarray) -> list[TileDetections]:
         """Detections for a batch of RGB uint8 tiles (n, h, w, 3)."""
         ...
-
-
-def paste_masks(mask_probs: np.ndarray, boxes: np.ndarray, size: tuple[int, int], threshold: float = 0.5):
-    """Resize each M x M mask probability map into its box; returns integer boxes and boolean crops.
-
-    Boxes are clipped to the tile; masks are thresholded at ``threshold``.
-    """
-    import cv2
-
-    h, w = size
-    out_boxes, out_masks = [], []
-    for prob, (x0, y0, x1, y1) in zip(mask_probs, boxes):
-        bw, bh = max(x1 - x0, 1e-3), max(y1 - y0, 1e-3)
-        ix0, iy0 = max(0, int(np.floor(x0))), max(0, int(np.floor(y0)))
-        ix1, iy1 = min(w, int(np.ceil(x1))), min(h, int(np.ceil(y1)))
-        if ix1 <= ix0 or iy1 <= iy0:
-            out_boxes.append((0, 0, 0, 0))
-            out_masks.append(np.zeros((0, 0), bool))
-            continue
-        m = prob.shape[0]
-        # map crop pixel centres into mask-grid coordinates
-        sx, sy = m / bw, m / bh
-        mat = np.array([[sx, 0, (ix0 + 0.5 - x0) * sx - 0.5], [0, sy, (iy0 + 0.5 - y0) * sy - 0.5]], np.float64)
-        crop = cv2.warpAffine(prob.astype(np.float32), mat, (ix1 - ix0, iy1 - iy0),
-                              flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,  # mat maps output to input
-                              borderMode=cv2.BORDER_CONSTANT, borderValue=0.0)
-        out_boxes.append((ix0, iy0, ix1, iy1))
-        out_masks.append(crop >= threshold)
-    return np.asarray(out_boxes, np.int32).reshape(-1, 4), out_masks
-
-
-def fill_holes(mask: np.ndarray) -> np.ndarray:
-    """``mask`` with every background region not 4-connected to its border filled in."""
-    import cv2
-
-    outside = np.pad(mask, 1).astype(np.uint8)
-    cv2.floodFill(outside, None, (0, 0), 2, flags=4)
-    return outside[1:-1, 1:-1] != 2
-
-
-def resolve_overlaps(det: TileDetections, min_area: int = 4) -> TileDetections:
-    """Give every pixel to the highest-scoring nucleus that claims it; keep each nucleus's largest part, holes filled."""
-    import cv2
-
-    if len(det) == 0:
-        return det
-    order = np.argsort(-det.scores, kind="stable")
-    h = int(det.boxes[:, 3].max())
-    w = int(det.boxes[:, 2].max())
-    taken = np.zeros((max(h, 1), max(w, 1)), bool)
-    keep, boxes, masks = [], [], []
-    for i in order:
-        x0, y0, x1, y1 = det.boxes[i]
-        m = det.masks[i]
-        if m.size == 0:
-            continue
-        m = m & ~taken[y0:y1, x0:x1]
-        if m.sum() < min_area:
-            continue
-        n, cc, stats, _ = cv2.connectedComponentsWithStats(m.astype(np.uint8), connectivity=8)
-        if n > 2:
-            m = cc == 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
-            if m.sum() < min_area:
-                continue
-        ys, xs = np.nonzero(m)
-        bx0, by0, bx1, by1 = xs.min(), ys.min(), xs.max() + 1, ys.max() + 1
-        m = fill_holes(m[by0:by1, bx0:bx1]) & ~taken[y0 + by0 : y0 + by1, x0 + bx0 : x0 + bx1]
-        taken[y0 + by0 : y0 + by1, x0 + bx0 : x0 + bx1] |= m
-        keep.append(i)
-        boxes.append((x0 + bx0, y0 + by0, x0 + bx1, y0 + by1))
-        masks.append(m)
-    if not keep:
-        return TileDetections.empty()
-    keep = np.asarray(keep)
-    return TileDetections(np.asarray(boxes, np.int32), det.scores[keep].astype(np.float32),
-                          det.labels[keep].astype(np.int32), masks)
 
 
 class MaskRCNNPredictor:
@@ -267,16 +173,12 @@ class MaskRCNNPredictor:
 
     def postprocess(self, raw: list[dict[str, torch.Tensor]], size: tuple[int, int]) -> list[TileDetections]:
         """Thresholded, box-sized boolean masks with overlaps resolved, per tile."""
-        results = []
-        for d in raw:
-            keep = d["scores"] >= self.score_threshold
-            boxes = d["boxes"][keep].cpu().numpy()
-            scores = d["scores"][keep].cpu().numpy().astype(np.float32)
-            labels = (d["labels"][keep].cpu().numpy() - 1).astype(np.int32)
-            probs = d["masks"][keep][:, 0].cpu().numpy()
-            ib, masks = paste_masks(probs, boxes, size, self.mask_threshold)
-            results.append(resolve_overlaps(TileDetections(ib, scores, labels, masks)))
-        return results
+        return [detections_from_raw(d, size, self.score_threshold, self.mask_threshold) for d in raw_to_numpy(raw)]
+
+
+def raw_to_numpy(raw: list[dict[str, torch.Tensor]]) -> list[dict[str, np.ndarray]]:
+    """The model's raw output per tile as numpy arrays on the CPU."""
+    return [{k: v.cpu().numpy() for k, v in d.items()} for d in raw]
 
 
 class ThresholdPredictor:
@@ -298,7 +200,6 @@ class ThresholdPredictor:
     def _one(self, tile: np.ndarray) -> TileDetections:
         import cv2
         from scipy import ndimage
-
         from skimage.color import hed_from_rgb
 
         od = -np.log10(np.maximum(tile.astype(np.float32), 1.0) / 255.0)

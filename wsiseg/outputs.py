@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from .features import FEATURE_COLUMNS
-from .model import ModelCard
+from .card import ModelCard
 from .stitching import Nucleus
 from .tiling import Tile, TileGrid
 

@@ -5,9 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
-import queue
 import shutil
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,10 +13,10 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
-from .inference import MaskRCNNPredictor, Predictor
-from .outputs import GeoJSONWriter, Geometry, TableWriter, ZarrWriter, nucleus_record
+from .inference import MaskRCNNPredictor, Predictor, raw_to_numpy
+from .outputs import Geometry
+from .sink import Timer, WriterSpec, make_sink
 from .slide import open_slide
-from .stitching import Stitcher
 from .tiling import plan_slide, stream_tiles
 from .tissue import TissueMask
 
@@ -34,6 +32,7 @@ class SegmentOptions:
     workers: int = 2
     prefetch: int = 8
     on_oversize: str = "error"
+    writer: str = "process"  # process | thread: where stitching and the writers run beside the model
     geojson: str = "geojson.gz"  # geojson | geojson.gz | none
     table: str = "parquet"  # parquet | csv
     zarr: bool = True
@@ -46,75 +45,6 @@ class SegmentOptions:
 
 class OutputExistsError(FileExistsError):
     pass
-
-
-class Sink:
-    """Runs ``fn(*item)`` for queued items in one background thread; errors surface in the producer."""
-
-    def __init__(self, fn, maxsize: int = 2):
-        self.fn = fn
-        self.q: queue.Queue = queue.Queue(maxsize=maxsize)
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._loop, name="wsiseg-sink", daemon=True)
-        self.thread.start()
-
-    def _loop(self) -> None:
-        while True:
-            item = self.q.get()
-            if item is None:
-                return
-            if self.error is None:
-                try:
-                    self.fn(*item)
-                except BaseException as exc:  # re-raised in the producer
-                    self.error = exc
-
-    def _check(self) -> None:
-        if self.error is not None:
-            raise self.error
-
-    def put(self, *item) -> None:
-        self._check()
-        while True:
-            try:
-                self.q.put(item, timeout=0.5)
-                return
-            except queue.Full:
-                self._check()
-
-    def close(self) -> None:
-        """Wait for every queued item; raise the first error."""
-        self.put_end()
-        self.thread.join()
-        self._check()
-
-    def put_end(self) -> None:
-        while self.thread.is_alive():
-            try:
-                self.q.put(None, timeout=0.5)
-                return
-            except queue.Full:
-                continue
-
-    def stop(self) -> None:
-        if self.thread.is_alive():
-            while True:  # drop what is queued so the thread sees the end marker
-                try:
-                    self.q.get_nowait()
-                except queue.Empty:
-                    break
-            self.put_end()
-            self.thread.join(timeout=30)
-
-
-class Timer:
-    def __init__(self) -> None:
-        self.totals: dict[str, float] = {}
-
-    def add(self, name: str, t0: float) -> float:
-        t = time.perf_counter()
-        self.totals[name] = self.totals.get(name, 0.0) + t - t0
-        return t
 
 
 def _tissue(slide, how: str) -> TissueMask:
@@ -143,9 +73,8 @@ def segment_slide(slide_path: str | os.PathLike, predictor: Predictor, out_dir: 
     if tmp_dir.exists():
         shutil.rmtree(tmp_dir)
     tmp_dir.mkdir(parents=True)
-    writers: list = []
     try:
-        summary = _run(Path(slide_path), predictor, tmp_dir, o, writers)
+        summary = _run(Path(slide_path), predictor, tmp_dir, o)
         (tmp_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         if o.stats:
             from .stats import write_stats
@@ -161,16 +90,11 @@ def segment_slide(slide_path: str | os.PathLike, predictor: Predictor, out_dir: 
         summary["outputs"] = {k: str(out_dir / Path(v).name) for k, v in summary["outputs"].items()}
         return summary
     except BaseException:
-        for w in writers:
-            try:
-                w.abort()
-            except Exception:
-                pass
         shutil.rmtree(tmp_dir, ignore_errors=True)
         raise
 
 
-def _run(slide_path: Path, predictor: Predictor, tmp_dir: Path, o: SegmentOptions, writers: list) -> dict:
+def _run(slide_path: Path, predictor: Predictor, tmp_dir: Path, o: SegmentOptions) -> dict:
     timer = Timer()
     started = time.time()
     t0 = time.perf_counter()
@@ -181,22 +105,13 @@ def _run(slide_path: Path, predictor: Predictor, tmp_dir: Path, o: SegmentOption
     sp = plan_slide(slide, card.mpp, tile_size, overlap, tissue=_tissue(slide, o.tissue))
     t0 = timer.add("plan", t0)
     name = slide_path.name
-    stem = slide_path.stem
     geom = Geometry(level0_per_model_px=sp.plan.level0_per_model_px, model_mpp=sp.plan.model_mpp, slide_name=name)
-
-    outputs: dict[str, str] = {}
-    zw = gj = None
-    if o.zarr:
-        zw = ZarrWriter(tmp_dir / f"{stem}.ome.zarr", sp.grid, geom, card, image_downsample=o.zarr_image_downsample)
-        writers.append(zw)
-    if o.geojson != "none":
-        gj = GeoJSONWriter(tmp_dir / f"{stem}.{o.geojson}", geom, card)
-        writers.append(gj)
-    tw = TableWriter(tmp_dir / f"{stem}.nuclei.{o.table}")
-    writers.append(tw)
-
-    stitcher = Stitcher(sp.grid, on_oversize=o.on_oversize)
-    per_class = np.zeros(len(card.classes), np.int64)
+    raw_output = isinstance(predictor, MaskRCNNPredictor)
+    spec = WriterSpec(tmp_dir=tmp_dir, stem=slide_path.stem, grid=sp.grid, geom=geom, card=card, zarr=o.zarr,
+                      zarr_image_downsample=o.zarr_image_downsample, geojson=o.geojson, table=o.table,
+                      on_oversize=o.on_oversize,
+                      score_threshold=predictor.score_threshold if raw_output else card.score_threshold,
+                      mask_threshold=predictor.mask_threshold if raw_output else 0.5)
     n_tiles = len(sp.grid)
     progress = None
     if o.progress:
@@ -204,37 +119,11 @@ def _run(slide_path: Path, predictor: Predictor, tmp_dir: Path, o: SegmentOption
 
         progress = tqdm(total=n_tiles, desc=name, unit="tile", dynamic_ncols=True, disable=None)
     stream = stream_tiles(slide, sp.plan, sp.grid, workers=o.workers, prefetch=max(o.prefetch, o.batch_size))
-    sink_timer = Timer()
-
-    def consume(batch_tiles, batch_px, raw) -> None:
-        # post-processing, stitching and writing run beside the model, in the sink thread
-        t0 = time.perf_counter()
-        if isinstance(predictor, MaskRCNNPredictor):
-            dets = predictor.postprocess(raw, batch_px[0].shape[:2])
-            t0 = sink_timer.add("postprocess", t0)
-        else:
-            dets = raw
-        for tile, px, det in zip(batch_tiles, batch_px, dets):
-            kept = stitcher.add(tile, det)
-            t0 = sink_timer.add("stitch", t0)
-            for n in kept:
-                rec = nucleus_record(n, geom, card, px, (tile.x, tile.y))
-                tw.write(rec)
-                if gj is not None:
-                    gj.write(n, rec)
-                per_class[n.label] += 1
-            if zw is not None:
-                zw.add_tile(tile, px, kept)
-            t0 = sink_timer.add("write", t0)
-        if progress is not None:
-            progress.update(len(batch_tiles))
-            progress.set_postfix(nuclei=int(per_class.sum()), refresh=False)
-
-    sink = Sink(consume, maxsize=2)
+    sink = make_sink(spec, o.writer)
+    t0 = timer.add("start_writer", t0)
     try:
         batch_tiles, batch_px = [], []
         done = False
-        t0 = time.perf_counter()
         while not done:
             try:
                 tile, px = next(stream)
@@ -245,30 +134,28 @@ def _run(slide_path: Path, predictor: Predictor, tmp_dir: Path, o: SegmentOption
             if batch_tiles and (len(batch_tiles) == o.batch_size or done):
                 t0 = timer.add("read_wait", t0)
                 arr = np.stack(batch_px)
-                if isinstance(predictor, MaskRCNNPredictor):
-                    raw = predictor.forward(arr)
+                if raw_output:
+                    dets = raw_to_numpy(predictor.forward(arr))  # post-processed by the writer
                 else:
-                    raw = predictor.predict(arr)
+                    dets = predictor.predict(arr)
                 t0 = timer.add("forward", t0)
-                sink.put(batch_tiles, batch_px, raw)
+                sink.put(batch_tiles, arr, dets)
                 t0 = timer.add("sink_wait", t0)
+                if progress is not None:
+                    progress.update(len(batch_tiles))
+                    progress.set_postfix(nuclei=sink.nuclei, refresh=False)
                 batch_tiles, batch_px = [], []
-        sink.close()
+        written = sink.close()
+        timer.add("finalize", t0)
     finally:
         sink.stop()
         stream.close()
-    for k, v in sink_timer.totals.items():
+        if progress is not None:
+            progress.close()
+    for k, v in written["timings_s"].items():
         timer.totals[k] = v
-    if progress is not None:
-        progress.close()
-    t0 = time.perf_counter()
-    if zw is not None:
-        outputs["zarr"] = str(zw.close())
-    if gj is not None:
-        outputs["geojson"] = str(gj.close())
-    outputs["table"] = str(tw.close())
-    writers.clear()
-    timer.add("finalize", t0)
+    outputs = dict(written["outputs"])
+    per_class = np.asarray(written["per_class"], np.int64)
     wall = time.time() - started
     n_nuclei = int(per_class.sum())
     tissue_mm2 = sp.tissue.area_mm2(slide.require_mpp())
@@ -292,7 +179,9 @@ def _run(slide_path: Path, predictor: Predictor, tmp_dir: Path, o: SegmentOption
         "nuclei_per_class": {c.name: int(k) for c, k in zip(card.classes, per_class)},
         "classes": [{"name": c.name, "color": list(c.color)} for c in card.classes],
         "nuclei_per_mm2": round(n_nuclei / tissue_mm2, 2) if tissue_mm2 > 0 else None,
-        "dropped_oversize": stitcher.dropped_oversize,
+        "dropped_oversize": written["dropped_oversize"],
+        "writer": sink.kind,
+        "writer_peak_rss_mb": written.get("writer_peak_rss_mb"),
         "timings_s": {k: round(v, 3) for k, v in timer.totals.items()},
         "wall_s": round(wall, 3),
         "tiles_per_s": round(n_tiles / wall, 3) if wall > 0 else None,

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .inference import TileDetections
+from .detections import TileDetections
 from .tiling import Tile, TileGrid
 
 

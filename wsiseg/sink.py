@@ -1,0 +1,345 @@
+"""The writing side of a run: per-tile detections → stitched nuclei → writers, beside the model.
+
+It runs in a thread or in a process of its own. The process is the default:
+the model's forward pass keeps both of its CPU threads busy, and Python code in
+a thread of the same process (features, polygons, GeoJSON) takes the GIL from
+the model's own Python glue, so the forward pass slows by about the writers'
+CPU time. A process at low OS priority uses only the CPU the model leaves idle,
+and imports neither torch nor the model. Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import pickle
+import queue
+import threading
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .card import ModelCard
+from .detections import TileDetections, detections_from_raw
+from .outputs import GeoJSONWriter, Geometry, TableWriter, ZarrWriter, nucleus_record
+from .stitching import Stitcher
+from .tiling import Tile, TileGrid
+
+
+class Timer:
+    """Seconds spent per named stage."""
+
+    def __init__(self) -> None:
+        self.totals: dict[str, float] = {}
+
+    def add(self, name: str, t0: float) -> float:
+        t = time.perf_counter()
+        self.totals[name] = self.totals.get(name, 0.0) + t - t0
+        return t
+
+
+@dataclass
+class WriterSpec:
+    """Everything the writing side needs to know about a run; plain data, so it can cross to a process."""
+
+    tmp_dir: Path
+    stem: str
+    grid: TileGrid
+    geom: Geometry
+    card: ModelCard
+    zarr: bool = True
+    zarr_image_downsample: int = 4
+    geojson: str = "geojson.gz"  # geojson | geojson.gz | none
+    table: str = "parquet"  # parquet | csv
+    on_oversize: str = "error"
+    score_threshold: float = 0.5  # applied to raw model output
+    mask_threshold: float = 0.5
+
+
+class SlideWriter:
+    """Stitches one slide's tiles and streams its nuclei into the Zarr, GeoJSON and table writers.
+
+    ``add`` takes a batch of tiles with their pixels and either finished
+    :class:`TileDetections` or the model's raw output as numpy arrays.
+    """
+
+    def __init__(self, spec: WriterSpec):
+        self.spec = spec
+        self.timer = Timer()
+        self.per_class = np.zeros(len(spec.card.classes), np.int64)
+        self.writers: list = []
+        self.zw = self.gj = None
+        try:
+            if spec.zarr:
+                self.zw = ZarrWriter(spec.tmp_dir / f"{spec.stem}.ome.zarr", spec.grid, spec.geom, spec.card,
+                                     image_downsample=spec.zarr_image_downsample)
+                self.writers.append(self.zw)
+            if spec.geojson != "none":
+                self.gj = GeoJSONWriter(spec.tmp_dir / f"{spec.stem}.{spec.geojson}", spec.geom, spec.card)
+                self.writers.append(self.gj)
+            self.tw = TableWriter(spec.tmp_dir / f"{spec.stem}.nuclei.{spec.table}")
+            self.writers.append(self.tw)
+        except BaseException:
+            self.abort()
+            raise
+        self.stitcher = Stitcher(spec.grid, on_oversize=spec.on_oversize)
+
+    @property
+    def nuclei(self) -> int:
+        return int(self.per_class.sum())
+
+    def add(self, tiles: list[Tile], pixels: np.ndarray, dets: list) -> None:
+        s, t0 = self.spec, time.perf_counter()
+        if dets and not isinstance(dets[0], TileDetections):
+            dets = [detections_from_raw(d, pixels.shape[1:3], s.score_threshold, s.mask_threshold) for d in dets]
+            t0 = self.timer.add("postprocess", t0)
+        for tile, px, det in zip(tiles, pixels, dets):
+            kept = self.stitcher.add(tile, det)
+            t0 = self.timer.add("stitch", t0)
+            for n in kept:
+                rec = nucleus_record(n, s.geom, s.card, px, (tile.x, tile.y))
+                self.tw.write(rec)
+                if self.gj is not None:
+                    self.gj.write(n, rec)
+                self.per_class[n.label] += 1
+            if self.zw is not None:
+                self.zw.add_tile(tile, px, kept)
+            t0 = self.timer.add("write", t0)
+
+    def close(self) -> dict:
+        """Finish every output; returns their paths, the counts and the stage timings."""
+        t0 = time.perf_counter()
+        outputs = {}
+        if self.zw is not None:
+            outputs["zarr"] = str(self.zw.close())
+        if self.gj is not None:
+            outputs["geojson"] = str(self.gj.close())
+        outputs["table"] = str(self.tw.close())
+        self.writers.clear()
+        self.timer.add("close", t0)
+        return {"outputs": outputs, "per_class": self.per_class.tolist(),
+                "dropped_oversize": self.stitcher.dropped_oversize,
+                "timings_s": dict(self.timer.totals)}
+
+    def abort(self) -> None:
+        for w in self.writers:
+            try:
+                w.abort()
+            except Exception:
+                pass
+        self.writers.clear()
+
+
+class ThreadSink:
+    """Runs a :class:`SlideWriter` in one background thread; errors surface in the producer."""
+
+    kind = "thread"
+
+    def __init__(self, spec: WriterSpec, maxsize: int = 2):
+        self.writer = SlideWriter(spec)
+        self.q: queue.Queue = queue.Queue(maxsize=maxsize)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._loop, name="wsiseg-sink", daemon=True)
+        self.thread.start()
+
+    @property
+    def nuclei(self) -> int:
+        return self.writer.nuclei
+
+    def _loop(self) -> None:
+        while True:
+            item = self.q.get()
+            if item is None:
+                return
+            if self.error is None:
+                try:
+                    self.writer.add(*item)
+                except BaseException as exc:  # re-raised in the producer
+                    self.error = exc
+
+    def _check(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def put(self, tiles: list[Tile], pixels: np.ndarray, dets: list) -> None:
+        self._check()
+        while True:
+            try:
+                self.q.put((tiles, pixels, dets), timeout=0.5)
+                return
+            except queue.Full:
+                self._check()
+
+    def _put_end(self) -> None:
+        while self.thread.is_alive():
+            try:
+                self.q.put(None, timeout=0.5)
+                return
+            except queue.Full:
+                continue
+
+    def close(self) -> dict:
+        """Wait for every queued batch, finish the outputs; raise the first error."""
+        self._put_end()
+        self.thread.join()
+        self._check()
+        return self.writer.close()
+
+    def stop(self) -> None:
+        """Abandon the run: drop what is queued, remove the unfinished outputs."""
+        if self.thread.is_alive():
+            while True:
+                try:
+                    self.q.get_nowait()
+                except queue.Empty:
+                    break
+            self._put_end()
+            self.thread.join(timeout=30)
+        self.writer.abort()
+
+
+class WriterProcessError(RuntimeError):
+    """The writer process stopped without saying why."""
+
+
+def _pack_error(exc: BaseException) -> bytes:
+    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    try:
+        payload = pickle.dumps(exc)
+        pickle.loads(payload)
+    except Exception:
+        payload = pickle.dumps(RuntimeError(f"{type(exc).__name__}: {exc}"))
+    return pickle.dumps(("error", payload, tb))
+
+
+def _peak_rss_mb() -> float | None:
+    """This process's own peak resident memory (``VmHWM``; ``ru_maxrss`` would include the parent's at fork)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    return None
+
+
+def _serve(spec: WriterSpec, inq, outq, nuclei, nice: int) -> None:
+    """The writer process: add batches from ``inq`` until ``None``, then close and report on ``outq``."""
+    try:
+        if nice and hasattr(os, "nice"):
+            os.nice(nice)
+    except OSError:
+        pass
+    writer = None
+    try:
+        writer = SlideWriter(spec)
+        while True:
+            item = inq.get()
+            if item is None:
+                break
+            writer.add(*item)
+            nuclei.value = writer.nuclei
+        result = writer.close()
+        result["writer_peak_rss_mb"] = _peak_rss_mb()
+        outq.put(pickle.dumps(("done", result)))
+    except BaseException as exc:
+        if writer is not None:
+            writer.abort()
+        outq.put(_pack_error(exc))
+
+
+class ProcessSink:
+    """Runs a :class:`SlideWriter` in a child process at low OS priority; same interface as :class:`ThreadSink`.
+
+    The child is started with ``spawn`` (never ``fork``: the parent runs
+    torch's thread pools), so scripts that call it need the usual
+    ``if __name__ == "__main__":`` guard.
+    """
+
+    kind = "process"
+
+    def __init__(self, spec: WriterSpec, maxsize: int = 2, nice: int = 19):
+        ctx = mp.get_context("spawn")
+        self.inq = ctx.Queue(maxsize=maxsize)
+        self.outq = ctx.Queue()
+        self._nuclei = ctx.Value("q", 0, lock=False)
+        self.result: dict | None = None
+        self.proc = ctx.Process(target=_serve, args=(spec, self.inq, self.outq, self._nuclei, nice),
+                                name="wsiseg-writer", daemon=True)
+        self.proc.start()
+
+    @property
+    def nuclei(self) -> int:
+        return int(self._nuclei.value)
+
+    def _poll(self, block: bool = False, timeout: float = 0.5) -> None:
+        """Take the child's report if there is one: raise its error, or keep its result."""
+        try:
+            msg = self.outq.get(block=block, timeout=timeout if block else None)
+        except queue.Empty:
+            if not self.proc.is_alive() and self.result is None:
+                try:  # the report may have landed between the two checks
+                    msg = self.outq.get(timeout=1.0)
+                except queue.Empty:
+                    raise WriterProcessError(
+                        f"the writer process stopped (exit code {self.proc.exitcode}) without finishing the outputs"
+                    ) from None
+            else:
+                return
+        kind, *rest = pickle.loads(msg)
+        if kind == "done":
+            self.result = rest[0]
+            return
+        exc = pickle.loads(rest[0])
+        if hasattr(exc, "add_note"):
+            exc.add_note("raised in the writer process:\n" + rest[1])
+        raise exc
+
+    def put(self, tiles: list[Tile], pixels: np.ndarray, dets: list) -> None:
+        while True:
+            self._poll()
+            try:
+                self.inq.put((tiles, pixels, dets), timeout=0.5)
+                return
+            except queue.Full:
+                continue
+
+    def close(self) -> dict:
+        """Wait for the child to write every queued batch and finish the outputs; raise its error."""
+        while True:
+            self._poll()
+            try:
+                self.inq.put(None, timeout=0.5)
+                break
+            except queue.Full:
+                continue
+        while self.result is None:
+            self._poll(block=True)
+        self.proc.join(timeout=30)
+        return self.result
+
+    def stop(self) -> None:
+        """Abandon the run: end the child; its unfinished outputs are left for the caller to remove."""
+        if self.proc.is_alive():
+            self.proc.terminate()
+        self.proc.join(timeout=30)
+        for q in (self.inq, self.outq):
+            q.cancel_join_thread()
+            q.close()
+
+
+def make_sink(spec: WriterSpec, kind: str = "process", maxsize: int = 2) -> ThreadSink | ProcessSink:
+    """A writer beside the model: ``process`` (default) or ``thread``.
+
+    A daemonic process (a Dask worker, say) may not start children, so there
+    the writer runs in a thread.
+    """
+    if kind not in ("process", "thread"):
+        raise ValueError(f"writer must be 'process' or 'thread', not {kind!r}")
+    if kind == "process" and not mp.current_process().daemon:
+        return ProcessSink(spec, maxsize=maxsize)
+    return ThreadSink(spec, maxsize=maxsize)
