@@ -63,7 +63,9 @@ def segment_slide(slide_path: str | os.PathLike, predictor: Predictor, out_dir: 
 
     Everything is written under ``<out_dir>.partial`` and renamed to
     ``out_dir`` only when complete, so a run that stops leaves no output that
-    looks finished.
+    looks finished. With ``options.writer == "process"`` (the default) the
+    writers run in a spawned process, so a calling script needs an
+    ``if __name__ == "__main__":`` guard.
     """
     o = options or SegmentOptions()
     out_dir = Path(out_dir)
