@@ -36,6 +36,20 @@ def test_default_model_is_bundled_with_a_card():
     assert not set(card.metrics["val_images"]) & set(json.loads(SPLIT.read_text())["train"])
 
 
+def test_default_config_trains_what_is_shipped():
+    # `wsiseg train configs/default.yaml` must describe the bundled model, not a later experiment
+    from dataclasses import asdict
+
+    from wsiseg.training import TrainConfig
+
+    cfg = asdict(TrainConfig.from_yaml(REPO / "configs" / "default.yaml"))
+    shipped = load_card(default_model_path()).training
+    keys = ["model", "mpp", "tile_size", "overlap", "steps", "restarts", "batch_size", "lr", "warmup_steps",
+            "clip_grad", "seed", "bf16", "val_fraction"]
+    assert {k: cfg[k] for k in keys} == {k: shipped[k] for k in keys}
+    assert cfg.get("restart_peaks") in (None, [], shipped.get("restart_peaks"))
+
+
 def _pooled_pq(predictor, data_dir, names, size=384):
     tp = fp = fn = 0
     iou_sum = 0.0
