@@ -250,3 +250,75 @@ def test_lr_schedule_restart_peaks():
     assert lr_at(110, cfg) == pytest.approx(0.5) and lr_at(135, cfg) == pytest.approx(0.25)
     assert lr_at(160, cfg) == pytest.approx(0.0)
     assert lr_at(110, TrainConfig(lr=1.0, warmup_steps=10, steps=160, restarts=[60, 110])) == pytest.approx(1.0)
+
+
+def test_init_weights_copies_a_saved_model_and_renews_heads_for_new_classes(tmp_path):
+    from dataclasses import replace
+
+    from helpers_model import tiny_config, tiny_model
+
+    from wsiseg.model import build_model
+    from wsiseg.training import CLASS_HEADS, init_weights
+
+    path, source, _ = tiny_model(tmp_path, classes=("nucleus",), tile_size=128)
+    src = source.state_dict()
+
+    torch.manual_seed(1)
+    same = build_model(tiny_config(128, 1))
+    info = init_weights(same, ["nucleus"], path)
+    assert info["fresh_tensors"] == []
+    assert all(torch.equal(v, src[k].to(v.dtype)) for k, v in same.state_dict().items())
+
+    torch.manual_seed(1)
+    other = build_model(tiny_config(128, 4))
+    info = init_weights(other, ["a", "b", "c", "d"], path)
+    assert info["fresh_tensors"] and all(k.startswith(CLASS_HEADS) for k in info["fresh_tensors"])
+    for k, v in other.state_dict().items():
+        if k.startswith(CLASS_HEADS):
+            assert v.shape != src[k].shape or not torch.equal(v, src[k])
+        else:
+            assert torch.equal(v, src[k].to(v.dtype)), k
+
+    wider = build_model(replace(tiny_config(128, 1), width=16))
+    with pytest.raises(ValueError, match="tiny.safetensors"):
+        init_weights(wider, ["nucleus"], path)
+
+
+def test_train_fine_tunes_from_a_saved_model(tmp_path, data_dir):
+    from helpers_model import tiny_model
+
+    path, _, _ = tiny_model(tmp_path, classes=("nucleus",), tile_size=128)
+    model = dict(backbone="resnet18", width=8, fpn_channels=32, box_head_dim=64, mask_head_channels=16,
+                 detections_per_tile=60, rpn_pre_nms_top_n_test=300, rpn_post_nms_top_n_test=150)
+    cfg = TrainConfig(name="ft", data=str(data_dir / "consep-train"), val_names=["train_1_000"], model=model,
+                      tile_size=128, overlap=32, steps=1, batch_size=1, val_every=1, warmup_steps=1, init=str(path),
+                      out=str(tmp_path / "run"), threads=1)
+    logs = []
+    train(cfg, log=logs.append)
+    assert any("initialised from" in m for m in logs)
+    from wsiseg.model import load_card
+
+    card = load_card(tmp_path / "run" / "best.safetensors")
+    assert card.training["init_weights"]["source_model"] == "tiny-random"
+    assert card.class_names == ["other", "inflammatory", "epithelial", "spindle"]
+    cfg.model = {**model, "width": 16}
+    cfg.out = str(tmp_path / "run2")
+    with pytest.raises(ValueError, match="the 'model' settings must match"):
+        train(cfg, log=lambda *_: None)
+
+
+def test_every_shipped_config_is_valid_and_fine_tunes_fit_the_default_model():
+    from pathlib import Path
+
+    from wsiseg.card import default_model_path, load_card
+    from wsiseg.model import ModelConfig
+
+    configs = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+    assert configs
+    shipped = load_card(default_model_path()).config
+    for path in configs:
+        cfg = TrainConfig.from_yaml(path)
+        fields = {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.model.items()}
+        mcfg = ModelConfig(**{**fields, "num_classes": shipped.num_classes, "tile_size": cfg.tile_size})
+        if cfg.init == "default":
+            assert mcfg == shipped, f"{path.name}: model settings differ from the bundled model's"

@@ -110,3 +110,11 @@ def load_card(path: str | os.PathLike) -> ModelCard:
         return ModelCard.from_dict(json.loads(meta["wsiseg_card"]))
     except Exception as exc:
         raise ModelLoadError(f"{path}: invalid model card: {exc}") from exc
+
+
+def default_model_path() -> str | None:
+    """The model bundled with this installation, if there is one."""
+    from importlib.resources import files
+
+    p = files("wsiseg") / "models" / "default.safetensors"
+    return str(p) if p.is_file() else None

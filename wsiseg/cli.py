@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from .card import ModelLoadError
+from .card import ModelLoadError, default_model_path
 from .slide import SlideError, open_slide
 from .stitching import NucleusTooLargeError
 
@@ -99,13 +99,6 @@ def _print_info(info: dict) -> None:
     print(f"tissue           {plan['tissue_area_mm2']:.3f} mm² ({plan['tissue_source']})")
 
 
-def default_model_path() -> str | None:
-    from importlib.resources import files
-
-    p = files("wsiseg") / "models" / "default.safetensors"
-    return str(p) if p.is_file() else None
-
-
 def cmd_segment(args: argparse.Namespace) -> int:
     from .inference import load_predictor
     from .pipeline import SegmentOptions, segment_slide
@@ -175,6 +168,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         cfg.steps = args.steps
     if args.max_minutes:
         cfg.max_minutes = args.max_minutes
+    if args.init:
+        cfg.init = args.init
     best = train(cfg)
     print(json.dumps({k: v for k, v in best.items() if not isinstance(v, dict)}, indent=2))
     print(f"best model: {Path(cfg.out) / 'best.safetensors'}")
@@ -282,6 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--max-minutes", type=float, default=None,
                    help="stop this sitting after this much training time (checkpointed; run again to resume)")
+    p.add_argument("--init", default=None,
+                   help="fine-tune: start from this model's weights ('default': the bundled model)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="PQ, AJI, F1, Dice, COCO AP (and per class) of a model on labelled images")

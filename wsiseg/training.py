@@ -423,6 +423,7 @@ class TrainConfig:
     weight_decay: float = 1e-4
     warmup_steps: int = 200
     restarts: list[int] = field(default_factory=list)  # steps where the cosine schedule restarts at lr (SGDR)
+    init: str | None = None  # start from a saved model's weights ("default": the bundled model), i.e. fine-tune
     restart_peaks: list[float] = field(default_factory=list)  # peak of each restarted cycle, as a fraction of lr (default 1)
     clip_grad: float = 5.0
     val_every: int = 250
@@ -447,6 +448,39 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"{path}: unknown training settings {sorted(unknown)}")
         return cls(**d)
+
+
+CLASS_HEADS = ("roi_heads.box_predictor.", "roi_heads.mask_predictor.mask_fcn_logits.")
+
+
+def init_weights(model: torch.nn.Module, class_names: list[str], path: str | os.PathLike) -> dict[str, Any]:
+    """Copy the weights of the saved model at ``path`` into ``model`` (fine-tuning).
+
+    The per-class output layers are copied only when the classes are the same
+    (names and order); otherwise they stay as built and learn the new classes.
+    Any other difference in architecture is an error that names the file.
+    """
+    from safetensors.torch import load_file
+
+    from .card import load_card
+
+    src = load_card(path)
+    same_classes = src.class_names == list(class_names)
+    state = load_file(str(path))
+    own = model.state_dict()
+    copied, fresh = {}, []
+    for k, v in own.items():
+        if k.startswith(CLASS_HEADS) and not same_classes:
+            fresh.append(k)
+            continue
+        if k not in state or tuple(state[k].shape) != tuple(v.shape):
+            got = tuple(state[k].shape) if k in state else "missing"
+            raise ValueError(f"{path}: cannot initialise from this model: {k} is {got}, the configured network "
+                             f"needs {tuple(v.shape)} (the 'model' settings must match the source model's)")
+        copied[k] = state[k].to(v.dtype)
+    model.load_state_dict({**own, **copied})
+    return {"from": str(path), "source_model": src.name, "source_classes": src.class_names,
+            "copied_tensors": len(copied), "fresh_tensors": fresh}
 
 
 def split_names(names: list[str], cfg: TrainConfig) -> tuple[list[str], list[str]]:
@@ -582,15 +616,29 @@ def train(cfg: TrainConfig, log=print) -> dict:
     card = ModelCard(name=cfg.name, classes=default_classes(class_names), mpp=cfg.mpp, tile_size=cfg.tile_size,
                      overlap=cfg.overlap, config=mcfg, description=cfg.description,
                      training={**asdict(cfg), "train_images": len(train_s), "val_images": len(val_s)})
+    src = None
+    if cfg.init:
+        from .card import default_model_path, load_card
+
+        src = default_model_path() if cfg.init == "default" else cfg.init
+        if src is None:
+            raise ValueError("init: default, but no default model is bundled with this installation")
+        source = load_card(src)
+        card.mean, card.std = source.mean, source.std  # the weights expect their own input normalisation
     torch.manual_seed(cfg.seed)
     model = enable_partial_labels(build_model(mcfg, card.mean, card.std))
+    ckpt = out / "last.pt"
+    if src is not None and not ckpt.exists():
+        info = init_weights(model, class_names, src)
+        card.training["init_weights"] = info
+        log(f"initialised from {src}: {info['copied_tensors']} tensors copied, "
+            f"{len(info['fresh_tensors'])} class-head tensors new")
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.ndim > 1]
     no_decay = [p for p in params if p.ndim <= 1]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
     step, best = 0, {"pq": -1.0}
-    ckpt = out / "last.pt"
     if ckpt.exists():
         state = torch.load(ckpt, weights_only=True)
         model.load_state_dict(state["model"])
