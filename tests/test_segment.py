@@ -237,6 +237,59 @@ def test_writer_process_that_dies_is_reported_and_leaves_no_output(tmp_path):
     assert not (tmp_path / "o").exists() and not (tmp_path / "o.partial").exists()
 
 
+class _SlowPredictor(ThresholdPredictor):
+    pidfile = None
+
+    def predict(self, tiles):
+        import multiprocessing as mp
+        import time
+
+        writers = [p.pid for p in mp.active_children() if p.name == "wsiseg-writer"]
+        if writers and not self.pidfile.exists():
+            self.pidfile.write_text(str(writers[0]))
+        time.sleep(0.5)
+        return super().predict(tiles)
+
+
+def _segment_slowly(path, out, pidfile) -> None:
+    pred = _SlowPredictor(threshold_card(mpp=0.5, tile_size=128, overlap=48))
+    pred.pidfile = pidfile
+    segment_slide(path, pred, out, SegmentOptions(tissue="whole", progress=False, batch_size=1))
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return not any(line.startswith("State:") and "Z" in line.split()[1] for line in f)
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_writer_process_exits_when_the_segmenting_process_is_killed(tmp_path):
+    import multiprocessing as mp
+    import os
+    import signal
+    import time
+
+    path, _, _ = _slide(tmp_path, h=300, w=300)
+    pidfile = tmp_path / "writer.pid"
+    proc = mp.get_context("spawn").Process(target=_segment_slowly, args=(path, tmp_path / "o", pidfile))
+    proc.start()
+    deadline = time.time() + 120
+    while not pidfile.exists() and time.time() < deadline:
+        time.sleep(0.1)
+    writer = int(pidfile.read_text())
+    assert _running(writer)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.join()
+    deadline = time.time() + 15
+    while _running(writer) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not _running(writer), "the writer process outlived the process that started it"
+    assert not (tmp_path / "o").exists()
+
+
 def _segment_in_child(path, out, results) -> None:
     pred = ThresholdPredictor(threshold_card(mpp=0.5, tile_size=128, overlap=48))
     s = segment_slide(path, pred, out, SegmentOptions(tissue="whole", progress=False, stats=False))
@@ -315,3 +368,24 @@ def test_chunk_buffer_writes_what_direct_writes_would(tmp_path, max_bytes):
     assert buf.nbytes == 0 and not buf.buffers
     if max_bytes == 3000:
         assert buf.spilled and buf.max_nbytes <= 3000 + 9 * (2 * 32 * 40 * 2)  # at most one rectangle past the cap
+
+
+def test_interrupted_cli_run_says_so_and_leaves_nothing(tmp_path):
+    import signal
+    import time
+
+    path, _, _ = _slide(tmp_path, h=1200, w=1200)
+    model_path, _, _ = tiny_model(tmp_path)
+    out = tmp_path / "o"
+    proc = subprocess.Popen([sys.executable, "-m", "wsiseg.cli", "segment", str(path), "--model", str(model_path),
+                             "--whole-slide", "--batch-size", "1", "--on-oversize", "drop", "--out", str(out),
+                             "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (tmp_path / "o.partial").exists() and time.time() < deadline:
+        time.sleep(0.1)
+    time.sleep(2.0)
+    assert proc.poll() is None, "the run ended before it could be interrupted"
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "interrupted" in err and "Traceback" not in err, err
+    assert not out.exists() and not (tmp_path / "o.partial").exists()

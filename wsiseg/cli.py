@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .card import ModelLoadError, default_model_path
+from .sink import WriterProcessError
 from .slide import SlideError, open_slide
 from .stitching import NucleusTooLargeError
 
@@ -306,6 +307,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (SlideError, ValueError, FileNotFoundError, FileExistsError, ModelLoadError, NucleusTooLargeError) as exc:
         print(f"wsiseg: error: {exc}", file=sys.stderr)
         return 2
+    except WriterProcessError as exc:
+        print(f"wsiseg: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("wsiseg: interrupted; unfinished outputs were removed", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

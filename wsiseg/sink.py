@@ -14,6 +14,7 @@ import multiprocessing as mp
 import os
 import pickle
 import queue
+import signal
 import threading
 import time
 import traceback
@@ -227,18 +228,31 @@ def _peak_rss_mb() -> float | None:
     return None
 
 
+def _exit_on_signal(signum, frame) -> None:
+    raise SystemExit(128 + signum)
+
+
 def _serve(spec: WriterSpec, inq, outq, nuclei, nice: int) -> None:
     """The writer process: add batches from ``inq`` until ``None``, then close and report on ``outq``."""
+    # terminate() from the parent: unwind normally, so the unfinished outputs are removed and the
+    # libraries' own resources (numcodecs' lock, say) are released rather than reported as leaked
+    signal.signal(signal.SIGTERM, _exit_on_signal)
     try:
         if nice and hasattr(os, "nice"):
             os.nice(nice)
     except OSError:
         pass
     writer = None
+    parent = mp.parent_process()
     try:
         writer = SlideWriter(spec)
         while True:
-            item = inq.get()
+            try:
+                item = inq.get(timeout=1.0)
+            except queue.Empty:
+                if parent is not None and not parent.is_alive():
+                    raise WriterProcessError("the segmenting process ended; outputs abandoned") from None
+                continue
             if item is None:
                 break
             writer.add(*item)
@@ -332,6 +346,7 @@ class ProcessSink:
         for q in (self.inq, self.outq):
             q.cancel_join_thread()
             q.close()
+        self.inq = self.outq = None  # let their semaphores be released now, not at interpreter exit
 
 
 def make_sink(spec: WriterSpec, kind: str = "process", maxsize: int = 2) -> ThreadSink | ProcessSink:
