@@ -78,14 +78,6 @@ def segment_slide(slide_path: str | os.PathLike, predictor: Predictor, out_dir: 
     try:
         summary = _run(Path(slide_path), predictor, tmp_dir, o)
         (tmp_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-        if o.stats:
-            from .stats import write_stats
-
-            t0 = time.perf_counter()
-            write_stats(tmp_dir, cell_um=o.density_cell_um)
-            summary["timings_s"]["stats"] = round(time.perf_counter() - t0, 3)
-            summary["outputs"]["stats"] = "stats"
-            (tmp_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         if out_dir.exists():
             shutil.rmtree(out_dir)
         os.replace(tmp_dir, out_dir)
@@ -94,6 +86,14 @@ def segment_slide(slide_path: str | os.PathLike, predictor: Predictor, out_dir: 
     except BaseException:
         shutil.rmtree(tmp_dir, ignore_errors=True)
         raise
+
+
+def _stats_run(slide_path: Path, slide, sp, card, started: float) -> dict:
+    """What the slide statistics need to know of the run, before it ends."""
+    return {"slide": str(slide_path), "slide_dimensions": list(slide.dimensions), "slide_mpp": slide.mpp,
+            "tissue_area_mm2": round(sp.tissue.area_mm2(slide.require_mpp()), 5), "model": card.name,
+            "model_mpp": sp.plan.model_mpp, "started": started,
+            "classes": [{"name": c.name, "color": list(c.color)} for c in card.classes]}
 
 
 def _run(slide_path: Path, predictor: Predictor, tmp_dir: Path, o: SegmentOptions) -> dict:
@@ -113,7 +113,9 @@ def _run(slide_path: Path, predictor: Predictor, tmp_dir: Path, o: SegmentOption
                       zarr_image_downsample=o.zarr_image_downsample, geojson=o.geojson, table=o.table,
                       on_oversize=o.on_oversize,
                       score_threshold=predictor.score_threshold if raw_output else card.score_threshold,
-                      mask_threshold=predictor.mask_threshold if raw_output else 0.5)
+                      mask_threshold=predictor.mask_threshold if raw_output else 0.5,
+                      stats_run=_stats_run(slide_path, slide, sp, card, started) if o.stats else None,
+                      stats_cell_um=o.density_cell_um)
     n_tiles = len(sp.grid)
     progress = None
     if o.progress:

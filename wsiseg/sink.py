@@ -58,6 +58,8 @@ class WriterSpec:
     on_oversize: str = "error"
     score_threshold: float = 0.5  # applied to raw model output
     mask_threshold: float = 0.5
+    stats_run: dict | None = None  # the run's description for the slide statistics; None: no statistics
+    stats_cell_um: float = 100.0
 
 
 class SlideWriter:
@@ -120,7 +122,16 @@ class SlideWriter:
             outputs["geojson"] = str(self.gj.close())
         outputs["table"] = str(self.tw.close())
         self.writers.clear()
-        self.timer.add("close", t0)
+        t0 = self.timer.add("close", t0)
+        if self.spec.stats_run is not None:
+            from .stats import write_run_stats
+
+            run = dict(self.spec.stats_run)
+            if "started" in run:
+                run["wall_s"] = round(time.time() - run.pop("started"), 1)
+            write_run_stats(self.spec.tmp_dir, run, self.spec.stats_cell_um)
+            outputs["stats"] = str(self.spec.tmp_dir / "stats")
+            self.timer.add("stats", t0)
         return {"outputs": outputs, "per_class": self.per_class.tolist(),
                 "dropped_oversize": self.stitcher.dropped_oversize,
                 "timings_s": dict(self.timer.totals)}
@@ -246,6 +257,10 @@ def _serve(spec: WriterSpec, inq, outq, nuclei, nice: int) -> None:
     parent = mp.parent_process()
     try:
         writer = SlideWriter(spec)
+        if spec.stats_run is not None:
+            import matplotlib.figure  # noqa: F401  imported now, while the model runs, not at the end
+
+            from . import stats  # noqa: F401
         while True:
             try:
                 item = inq.get(timeout=1.0)

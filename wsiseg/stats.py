@@ -291,7 +291,14 @@ def write_stats(out_dir: str | os.PathLike, cell_um: float = 100.0) -> dict:
     sp = out_dir / "summary.json"
     if not sp.is_file():
         raise FileNotFoundError(f"{out_dir}: not a wsiseg output folder (no summary.json)")
-    run = json.loads(sp.read_text())
+    return write_run_stats(out_dir, json.loads(sp.read_text()), cell_um)
+
+
+def write_run_stats(out_dir: str | os.PathLike, run: dict, cell_um: float = 100.0) -> dict:
+    """:func:`write_stats` with the run's description given (``classes``, ``slide``, ``slide_dimensions``,
+    ``slide_mpp``, ``tissue_area_mm2``, ``model``; optionally ``model_mpp``, ``wall_s``) instead of read
+    from its ``summary.json``."""
+    out_dir = Path(out_dir)
     tables = sorted(out_dir.glob("*.nuclei.parquet")) + sorted(out_dir.glob("*.nuclei.csv"))
     if not tables:
         raise FileNotFoundError(f"{out_dir}: no nucleus table (*.nuclei.parquet or *.nuclei.csv)")
