@@ -88,14 +88,6 @@ def segment_slide(slide_path: str | os.PathLike, predictor: Predictor, out_dir: 
         raise
 
 
-def _stats_run(slide_path: Path, slide, sp, card, started: float) -> dict:
-    """What the slide statistics need to know of the run, before it ends."""
-    return {"slide": str(slide_path), "slide_dimensions": list(slide.dimensions), "slide_mpp": slide.mpp,
-            "tissue_area_mm2": round(sp.tissue.area_mm2(slide.require_mpp()), 5), "model": card.name,
-            "model_mpp": sp.plan.model_mpp, "started": started,
-            "classes": [{"name": c.name, "color": list(c.color)} for c in card.classes]}
-
-
 def _run(slide_path: Path, predictor: Predictor, tmp_dir: Path, o: SegmentOptions) -> dict:
     timer = Timer()
     started = time.time()
@@ -109,12 +101,18 @@ def _run(slide_path: Path, predictor: Predictor, tmp_dir: Path, o: SegmentOption
     name = slide_path.name
     geom = Geometry(level0_per_model_px=sp.plan.level0_per_model_px, model_mpp=sp.plan.model_mpp, slide_name=name)
     raw_output = isinstance(predictor, MaskRCNNPredictor)
+    tissue_mm2 = sp.tissue.area_mm2(slide.require_mpp())
+    classes = [{"name": c.name, "color": list(c.color)} for c in card.classes]
+    # what the slide statistics, computed by the writer as it finishes, need to know of the run
+    stats_run = {"slide": str(slide_path), "slide_dimensions": list(slide.dimensions), "slide_mpp": slide.mpp,
+                 "tissue_area_mm2": round(tissue_mm2, 5), "model": card.name, "model_mpp": sp.plan.model_mpp,
+                 "started": started, "classes": classes}
     spec = WriterSpec(tmp_dir=tmp_dir, stem=slide_path.stem, grid=sp.grid, geom=geom, card=card, zarr=o.zarr,
                       zarr_image_downsample=o.zarr_image_downsample, geojson=o.geojson, table=o.table,
                       on_oversize=o.on_oversize,
                       score_threshold=predictor.score_threshold if raw_output else card.score_threshold,
                       mask_threshold=predictor.mask_threshold if raw_output else 0.5,
-                      stats_run=_stats_run(slide_path, slide, sp, card, started) if o.stats else None,
+                      stats_run=stats_run if o.stats else None,
                       stats_cell_um=o.density_cell_um)
     n_tiles = len(sp.grid)
     progress = None
@@ -162,7 +160,6 @@ def _run(slide_path: Path, predictor: Predictor, tmp_dir: Path, o: SegmentOption
     per_class = np.asarray(written["per_class"], np.int64)
     wall = time.time() - started
     n_nuclei = int(per_class.sum())
-    tissue_mm2 = sp.tissue.area_mm2(slide.require_mpp())
     mp = n_tiles * tile_size * tile_size / 1e6
     return {
         "wsiseg_version": __version__,
@@ -181,7 +178,7 @@ def _run(slide_path: Path, predictor: Predictor, tmp_dir: Path, o: SegmentOption
         "tissue_area_mm2": round(tissue_mm2, 5),
         "nuclei": n_nuclei,
         "nuclei_per_class": {c.name: int(k) for c, k in zip(card.classes, per_class)},
-        "classes": [{"name": c.name, "color": list(c.color)} for c in card.classes],
+        "classes": classes,
         "nuclei_per_mm2": round(n_nuclei / tissue_mm2, 2) if tissue_mm2 > 0 else None,
         "dropped_oversize": written["dropped_oversize"],
         "writer": sink.kind,
