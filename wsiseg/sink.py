@@ -330,24 +330,22 @@ class ProcessSink:
             exc.add_note("raised in the writer process:\n" + rest[1])
         raise exc
 
-    def put(self, tiles: list[Tile], pixels: np.ndarray, dets: list) -> None:
+    def _send(self, item) -> None:
+        """Queue ``item`` for the child, raising its error instead if it has one."""
         while True:
             self._poll()
             try:
-                self.inq.put((tiles, pixels, dets), timeout=0.5)
+                self.inq.put(item, timeout=0.5)
                 return
             except queue.Full:
                 continue
 
+    def put(self, tiles: list[Tile], pixels: np.ndarray, dets: list) -> None:
+        self._send((tiles, pixels, dets))
+
     def close(self) -> dict:
         """Wait for the child to write every queued batch and finish the outputs; raise its error."""
-        while True:
-            self._poll()
-            try:
-                self.inq.put(None, timeout=0.5)
-                break
-            except queue.Full:
-                continue
+        self._send(None)
         while self.result is None:
             self._poll(block=True)
         self.proc.join(timeout=30)
