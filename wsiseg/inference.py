@@ -15,10 +15,7 @@ import numpy as np
 import torch
 
 from .card import ModelCard
-from .detections import (
-    TileDetections,
-    detections_from_raw,
-)
+from .detections import TileDetections, detections_from_raw
 
 
 @dataclass(frozen=True)

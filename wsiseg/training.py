@@ -423,8 +423,8 @@ class TrainConfig:
     weight_decay: float = 1e-4
     warmup_steps: int = 200
     restarts: list[int] = field(default_factory=list)  # steps where the cosine schedule restarts at lr (SGDR)
-    init: str | None = None  # start from a saved model's weights ("default": the bundled model), i.e. fine-tune
     restart_peaks: list[float] = field(default_factory=list)  # peak of each restarted cycle, as a fraction of lr (default 1)
+    init: str | None = None  # start from a saved model's weights ("default": the bundled model), i.e. fine-tune
     clip_grad: float = 5.0
     val_every: int = 250
     seed: int = 0
