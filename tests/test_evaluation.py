@@ -3,7 +3,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from wsiseg.evaluation import aggregated_jaccard, coco_ap, dice, evaluate_images, panoptic_quality
+from wsiseg.evaluation import (
+    aggregated_jaccard,
+    coco_ap,
+    dice,
+    error_breakdown,
+    evaluate_images,
+    panoptic_quality,
+    recall_by_area,
+)
 
 
 def two_squares():
@@ -84,3 +92,42 @@ def test_empty_images_do_not_count_in_the_means():
     fp[0:5, 12:17] = 1
     res = evaluate_images([gt, empty], [gt, fp], with_coco=False)
     assert res["pq"] == pytest.approx(0.5) and res["f1"] == pytest.approx(4 / 5)
+
+
+def test_error_breakdown_names_each_kind_of_error():
+    gt = np.zeros((60, 60), int)
+    gt[0:10, 0:10] = 1  # found: a matching prediction
+    gt[0:10, 20:30] = 2  # undetected: nothing on it
+    gt[20:30, 0:10] = 3  # merged with 4 by one prediction
+    gt[20:30, 10:20] = 4
+    gt[40:50, 0:10] = 5  # split into two halves
+    gt[40:50, 20:30] = 6  # shape: a prediction on a third of it
+    pred = np.zeros_like(gt)
+    pred[0:10, 0:9] = 1
+    pred[20:30, 0:20] = 2  # holds all of 3 and 4: IoU 0.5, not a match
+    pred[40:50, 0:5] = 3
+    pred[40:50, 5:10] = 4
+    pred[40:50, 20:23] = 5
+    pred[55:60, 55:60] = 6  # background
+    e = error_breakdown(gt, pred)
+    r = panoptic_quality(gt, pred)
+    assert e == {"fn_undetected": 1, "fn_merged": 2, "fn_split": 1, "fn_shape": 1,
+                 "fp_background": 1, "fp_merge": 1, "fp_shape": 3}
+    assert sum(v for k, v in e.items() if k.startswith("fn")) == r.fn
+    assert sum(v for k, v in e.items() if k.startswith("fp")) == r.fp
+
+
+def test_recall_by_area_in_square_microns():
+    gt = np.zeros((40, 40), int)
+    gt[0:4, 0:4] = 1  # 16 px = 4 µm² at 0.5 µm/px, found
+    gt[10:14, 10:14] = 2  # 4 µm², missed
+    gt[20:40, 20:40] = 3  # 400 px = 100 µm², found
+    pred = np.zeros_like(gt)
+    pred[0:4, 0:4] = 1
+    pred[20:40, 20:40] = 2
+    n, found = recall_by_area(gt, pred, mpp=0.5)
+    assert n.tolist() == [2, 0, 0, 0, 1] and found.tolist() == [1, 0, 0, 0, 1]
+    out = evaluate_images([gt], [pred], with_coco=False, mpps=[0.5])
+    assert out["recall_by_area_um2"]["0-10"] == {"nuclei": 2, "recall": 0.5}
+    assert out["recall_by_area_um2"]["80-inf"]["recall"] == 1.0
+    assert out["errors"]["fn_undetected"] == 1

@@ -67,6 +67,59 @@ def panoptic_quality(gt: np.ndarray, pred: np.ndarray, iou_threshold: float = 0.
     return PQResult(dq * sq, dq, sq, tp, fp, fn, list(zip(gi.tolist(), pi.tolist())))
 
 
+ERROR_KINDS = ("fn_undetected", "fn_merged", "fn_split", "fn_shape", "fp_background", "fp_merge", "fp_shape")
+AREA_BINS_UM2 = (10.0, 20.0, 40.0, 80.0)  # recall by nucleus area: <10, 10-20, 20-40, 40-80, >=80 µm²
+
+
+def error_breakdown(gt: np.ndarray, pred: np.ndarray, iou_threshold: float = 0.5) -> dict[str, int]:
+    """Why nuclei are missed and predictions are wrong, under the matching that PQ and F1 use.
+
+    Each missed nucleus (FN) gets the first kind that fits: ``fn_undetected`` (predictions cover less than
+    10% of it), ``fn_merged`` (a prediction holds half of it and half of another nucleus), ``fn_split``
+    (two or more predictions each hold a fifth of it), ``fn_shape`` (overlapped, but IoU too low). Each
+    wrong prediction (FP): ``fp_background`` (less than 10% of it lies on nuclei), ``fp_merge`` (it holds
+    half of two or more nuclei), ``fp_shape`` (the rest).
+    """
+    r = panoptic_quality(gt, pred, iou_threshold)
+    _, inter, ga, pa = iou_matrix(gt, pred)
+    n, m = inter.shape
+    out = dict.fromkeys(ERROR_KINDS, 0)
+    matched_g = np.zeros(n, bool)
+    matched_p = np.zeros(m, bool)
+    for gi, pi in r.pairs:
+        matched_g[gi], matched_p[pi] = True, True
+    holds_half = inter >= 0.5 * ga[:, None]  # prediction j holds half of nucleus i
+    merging = holds_half.sum(0) >= 2
+    for i in np.flatnonzero(~matched_g):
+        if inter[i].sum() < 0.1 * ga[i]:
+            out["fn_undetected"] += 1
+        elif (holds_half[i] & merging).any():
+            out["fn_merged"] += 1
+        elif (inter[i] >= 0.2 * ga[i]).sum() >= 2:
+            out["fn_split"] += 1
+        else:
+            out["fn_shape"] += 1
+    for j in np.flatnonzero(~matched_p):
+        if inter[:, j].sum() < 0.1 * pa[j]:
+            out["fp_background"] += 1
+        elif merging[j]:
+            out["fp_merge"] += 1
+        else:
+            out["fp_shape"] += 1
+    return out
+
+
+def recall_by_area(gt: np.ndarray, pred: np.ndarray, mpp: float,
+                   bins: tuple[float, ...] = AREA_BINS_UM2) -> tuple[np.ndarray, np.ndarray]:
+    """Nuclei and found nuclei (matched at IoU > 0.5) per area bin in µm² (edges ``bins``; first and last open)."""
+    r = panoptic_quality(gt, pred)
+    _, _, ga, _ = iou_matrix(gt, pred)
+    k = np.digitize(ga * mpp * mpp, bins)
+    found = np.zeros(len(ga), bool)
+    found[[gi for gi, _ in r.pairs]] = True
+    return np.bincount(k, minlength=len(bins) + 1), np.bincount(k[found], minlength=len(bins) + 1)
+
+
 def aggregated_jaccard(gt: np.ndarray, pred: np.ndarray) -> float:
     """AJI (Kumar et al. 2017): each GT nucleus joins its best-IoU prediction; unused predictions add to the union."""
     iou, inter, ga, pa = iou_matrix(gt, pred)
@@ -138,8 +191,10 @@ def coco_ap(gts: list[np.ndarray], preds: list[np.ndarray], scores: list[dict[in
 
 def evaluate_images(gts: list[np.ndarray], preds: list[np.ndarray], gt_classes: list[dict[int, int]] | None = None,
                     pred_classes: list[dict[int, int]] | None = None, class_names: list[str] | None = None,
-                    pred_scores: list[dict[int, float]] | None = None, with_coco: bool = True) -> dict:
-    """Mean per-image PQ/DQ/SQ/AJI/Dice, pooled F1@0.5, COCO AP; with classes, accuracy and PQ per class.
+                    pred_scores: list[dict[int, float]] | None = None, with_coco: bool = True,
+                    mpps: list[float] | None = None) -> dict:
+    """Mean per-image PQ/DQ/SQ/AJI/Dice, pooled F1@0.5, COCO AP, the pooled :func:`error_breakdown`; with
+    classes, accuracy and PQ per class; with each image's ``mpps``, recall by nucleus area.
 
     ``gt_classes[k]`` / ``pred_classes[k]`` map instance id -> 0-based class (GT ids absent: unknown class).
     Images with neither nuclei nor predictions say nothing about a model and are left out of the means
@@ -148,6 +203,9 @@ def evaluate_images(gts: list[np.ndarray], preds: list[np.ndarray], gt_classes: 
     per = {"pq": [], "dq": [], "sq": [], "aji": [], "dice": []}
     tp = fp = fn = 0
     correct = total = 0
+    errors = dict.fromkeys(ERROR_KINDS, 0)
+    n_bins = len(AREA_BINS_UM2) + 1
+    area_n, area_found = np.zeros(n_bins, np.int64), np.zeros(n_bins, np.int64)
     per_class_pq: dict[str, list[float]] = {n: [] for n in (class_names or [])}
     for k, (g, p) in enumerate(zip(gts, preds)):
         r = panoptic_quality(g, p)
@@ -158,6 +216,11 @@ def evaluate_images(gts: list[np.ndarray], preds: list[np.ndarray], gt_classes: 
             per["aji"].append(aggregated_jaccard(g, p))
             per["dice"].append(dice(g, p))
         tp, fp, fn = tp + r.tp, fp + r.fp, fn + r.fn
+        for kind, c in error_breakdown(g, p).items():
+            errors[kind] += c
+        if mpps is not None:
+            a, b = recall_by_area(g, p, mpps[k])
+            area_n, area_found = area_n + a, area_found + b
         if gt_classes is not None and pred_classes is not None and class_names:
             gids = np.unique(g)
             gids = gids[gids > 0]
@@ -177,7 +240,12 @@ def evaluate_images(gts: list[np.ndarray], preds: list[np.ndarray], gt_classes: 
                 per_class_pq[name].append(panoptic_quality(gm, pm).pq)
     out = {k: float(np.mean(v)) if v else float("nan") for k, v in per.items()}
     out["f1"] = 2 * tp / (2 * tp + fp + fn) if (tp + fp + fn) else 1.0
-    out.update(tp=tp, fp=fp, fn=fn, images=len(gts))
+    out.update(tp=tp, fp=fp, fn=fn, images=len(gts), errors=errors)
+    if mpps is not None:
+        edges = [0.0, *AREA_BINS_UM2, float("inf")]
+        out["recall_by_area_um2"] = {
+            f"{lo:g}-{hi:g}": {"nuclei": int(a), "recall": float(b / a) if a else float("nan")}
+            for lo, hi, a, b in zip(edges[:-1], edges[1:], area_n, area_found)}
     if with_coco:
         out.update(coco_ap(gts, preds, pred_scores))
     if class_names and gt_classes is not None:

@@ -559,7 +559,7 @@ def evaluate_predictor(pred, val: list[Sample], class_names: list[str]) -> dict:
     from .stitching import segment_array
 
     card = pred.card
-    gts, preds, gcls, pcls, scores = [], [], [], [], []
+    gts, preds, gcls, pcls, scores, mpps = [], [], [], [], [], []
     for s in val:
         img, lab = s.image, s.instances
         f = s.mpp / card.mpp
@@ -573,9 +573,10 @@ def evaluate_predictor(pred, val: list[Sample], class_names: list[str]) -> dict:
         gcls.append(s.classes)
         pcls.append(cls)
         scores.append(sc)
+        mpps.append(s.mpp)
     multi = len(class_names) > 1
     return evaluate_images(gts, preds, gcls if multi else None, pcls if multi else None,
-                           class_names if multi else None, scores)
+                           class_names if multi else None, scores, mpps=mpps)
 
 
 def _truncate_log(path: Path, step: int) -> None:
