@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from wsiseg.training import (
-    PartialLabelRoIHeads, Sample, TrainConfig, apply_partial_mode, enable_partial_labels, hide_labels, lr_at,
-    partial_fastrcnn_loss, partial_maskrcnn_loss, random_crop, split_names, train,
+    PartialLabelRoIHeads, Sample, TrainConfig, apply_partial_mode, enable_partial_labels, extra_training_data,
+    hide_labels, lr_at, partial_fastrcnn_loss, partial_maskrcnn_loss, random_crop, split_names, train,
 )
 
 
@@ -322,3 +322,64 @@ def test_every_shipped_config_is_valid_and_fine_tunes_fit_the_default_model():
         mcfg = ModelConfig(**{**fields, "num_classes": shipped.num_classes, "tile_size": cfg.tile_size})
         if cfg.init == "default":
             assert mcfg == shipped, f"{path.name}: model settings differ from the bundled model's"
+
+
+def _instance_folder(root, names, classes=None, seed=0):
+    """An instance-label folder of synthetic 160x160 images; ``classes`` cycles over the nuclei in classes.csv."""
+    from PIL import Image
+
+    from conftest import synthetic_he
+
+    (root / "images").mkdir(parents=True)
+    (root / "labels").mkdir()
+    rows = ["image,instance,class"]
+    for k, n in enumerate(names):
+        img, lab = synthetic_he(160, 160, seed=seed + k, n_nuclei=12)
+        Image.fromarray(img).save(root / "images" / f"{n}.png")
+        Image.fromarray(lab.astype(np.uint16)).save(root / "labels" / f"{n}.png")
+        rows += [f"{n},{i},{classes[(i - 1) % len(classes)]}" for i in range(1, int(lab.max()) + 1)] if classes else []
+    meta = {"mpp": 0.25, **({"classes": sorted(set(classes))} if classes else {})}
+    (root / "meta.json").write_text(json.dumps(meta))
+    if classes:
+        (root / "classes.csv").write_text("\n".join(rows) + "\n")
+    return root
+
+
+def test_extra_training_data_takes_the_main_classes(tmp_path):
+    extra = _instance_folder(tmp_path / "extra", ["e_0", "e_1"], classes=["tumour", "lymphocyte", "stroma"])
+    one = extra_training_data(TrainConfig(extra_data=[str(extra)]), ["nucleus"])
+    assert [s.name for s in one] == ["e_0", "e_1"]
+    for s in one:  # a one-class model: every nucleus is that class
+        assert s.classes == {int(i): 0 for i in np.unique(s.instances)[1:]} and s.classes
+    two = extra_training_data(TrainConfig(extra_data=[str(extra)]), ["lymphocyte", "tumour"])
+    for s in two:  # classes by name; a class the model lacks is unknown (left to the partial-label loss)
+        ids = np.unique(s.instances)[1:]
+        assert {c for c in s.classes.values()} == {0, 1}
+        assert sorted(s.classes) == [int(i) for i in ids if (i - 1) % 3 != 2]
+        assert all(s.classes[int(i)] == (1 if (i - 1) % 3 == 0 else 0) for i in ids if (i - 1) % 3 != 2)
+    with pytest.raises(ValueError, match="extra_share"):
+        extra_training_data(TrainConfig(extra_data=[str(extra)], extra_share=1.0), ["nucleus"])
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        extra_training_data(TrainConfig(extra_data=[str(tmp_path / "nowhere")]), ["nucleus"])
+
+
+def test_train_draws_crops_from_extra_data(tmp_path, monkeypatch):
+    import wsiseg.training as tr
+
+    main = _instance_folder(tmp_path / "main", ["m_0", "m_1"])
+    extra = _instance_folder(tmp_path / "extra", ["e_0", "e_1", "e_2"], classes=["a", "b"], seed=10)
+    drawn = []
+    crop = tr.random_crop
+    monkeypatch.setattr(tr, "random_crop", lambda s, *a, **k: (drawn.append(s.name), crop(s, *a, **k))[1])
+    cfg = TrainConfig(name="x", data=str(main), val_names=["m_1"], extra_data=[str(extra)], extra_share=0.75,
+                      model=dict(backbone="resnet18", width=8, fpn_channels=32, box_head_dim=64,
+                                 mask_head_channels=16, detections_per_tile=50),
+                      tile_size=128, overlap=32, steps=4, batch_size=4, val_every=100, warmup_steps=1,
+                      out=str(tmp_path / "run"), threads=1)
+    train(cfg, log=lambda *_: None)
+    assert set(drawn) <= {"m_0", "e_0", "e_1", "e_2"}  # never the validation image
+    assert 6 <= sum(n.startswith("e_") for n in drawn) <= 16  # 75% of 16 crops, roughly
+    from wsiseg.model import load_card
+
+    card = load_card(tmp_path / "run" / "best.safetensors")
+    assert card.training["extra_images"] == 3 and card.class_names == ["nucleus"]

@@ -410,6 +410,8 @@ class TrainConfig:
     images: str | None = None  # COCO: the image folder (default: beside the .json)
     slide: str | None = None  # GeoJSON: the slide the nuclei were drawn on
     data_mpp: float | None = None  # COCO: the images' mpp; GeoJSON: overrides the slide's
+    extra_data: list[str] = field(default_factory=list)  # more label folders / COCO .json, for training only
+    extra_share: float = 0.5  # share of training crops drawn from extra_data
     val_names: list[str] = field(default_factory=list)  # whole images for validation
     val_fraction: float = 0.2
     class_names: list[str] | None = None
@@ -601,6 +603,25 @@ def training_data(cfg: TrainConfig) -> tuple[list[Sample], list[Sample], list[st
     return train_s, [by_name[n] for n in val_names], data.class_names, (train_names, val_names)
 
 
+def extra_training_data(cfg: TrainConfig, class_names: list[str]) -> list[Sample]:
+    """Every image of ``cfg.extra_data``, all for training, labelled with the main data's classes: a nucleus
+    whose class is not among them has an unknown class (the partial-label loss ignores it), and a
+    one-class model sees every nucleus as that class."""
+    if not 0.0 <= cfg.extra_share < 1.0:
+        raise ValueError(f"extra_share must be in [0, 1), got {cfg.extra_share}")
+    one_class = len(class_names) == 1
+    out: list[Sample] = []
+    for path in cfg.extra_data:
+        data = load_dataset(path, class_names)
+        if not data.samples:
+            raise ValueError(f"{path}: extra_data holds no images")
+        if one_class:
+            for s in data.samples:
+                s.classes = {int(i): 0 for i in np.unique(s.instances)[1:]}
+        out.extend(data.samples)
+    return out
+
+
 def train(cfg: TrainConfig, log=print) -> dict:
     """Train, validating every ``val_every`` steps; exports the best model (by PQ) with its card.
 
@@ -611,12 +632,14 @@ def train(cfg: TrainConfig, log=print) -> dict:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     train_s, val_s, class_names, (train_names, val_names) = training_data(cfg)
+    extra_s = extra_training_data(cfg, class_names)
     (out / "split.json").write_text(json.dumps({"train": train_names, "val": val_names}, indent=2))
 
     mcfg = ModelConfig(**{**cfg.model, "num_classes": len(class_names), "tile_size": cfg.tile_size})
     card = ModelCard(name=cfg.name, classes=default_classes(class_names), mpp=cfg.mpp, tile_size=cfg.tile_size,
                      overlap=cfg.overlap, config=mcfg, description=cfg.description,
-                     training={**asdict(cfg), "train_images": len(train_s), "val_images": len(val_s)})
+                     training={**asdict(cfg), "train_images": len(train_s), "val_images": len(val_s),
+                               **({"extra_images": len(extra_s)} if extra_s else {})})
     src = None
     if cfg.init:
         from .card import default_model_path, load_card
@@ -666,7 +689,8 @@ def train(cfg: TrainConfig, log=print) -> dict:
             model.train()
             imgs, tgts = [], []
             for _ in range(cfg.batch_size):
-                s = train_s[int(rng.integers(len(train_s)))]
+                pool = extra_s if extra_s and rng.random() < cfg.extra_share else train_s
+                s = pool[int(rng.integers(len(pool)))]
                 img, t = random_crop(s, cfg.tile_size, cfg.mpp, rng, cfg.scale_jitter, cfg.hed_jitter)
                 imgs.append(torch.from_numpy(img).permute(2, 0, 1).float() / 255)
                 tgts.append(_to_torch(t))
