@@ -46,9 +46,16 @@ class PQResult:
         return self.dq
 
 
+Overlaps = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]  # what iou_matrix returns
+
+
 def panoptic_quality(gt: np.ndarray, pred: np.ndarray, iou_threshold: float = 0.5) -> PQResult:
     """PQ = DQ x SQ with unique matching at IoU > 0.5 (Kirillov et al.; as HoVer-Net reports it)."""
-    iou, _, ga, pa = iou_matrix(gt, pred)
+    return _pq(iou_matrix(gt, pred), iou_threshold)
+
+
+def _pq(ov: Overlaps, iou_threshold: float = 0.5) -> PQResult:
+    iou = ov[0]
     n, m = iou.shape
     if iou_threshold >= 0.5:
         gi, pi = np.nonzero(iou > iou_threshold)  # unique by construction above 0.5
@@ -80,8 +87,12 @@ def error_breakdown(gt: np.ndarray, pred: np.ndarray, iou_threshold: float = 0.5
     wrong prediction (FP): ``fp_background`` (less than 10% of it lies on nuclei), ``fp_merge`` (it holds
     half of two or more nuclei), ``fp_shape`` (the rest).
     """
-    r = panoptic_quality(gt, pred, iou_threshold)
-    _, inter, ga, pa = iou_matrix(gt, pred)
+    ov = iou_matrix(gt, pred)
+    return _errors(ov, _pq(ov, iou_threshold))
+
+
+def _errors(ov: Overlaps, r: PQResult) -> dict[str, int]:
+    _, inter, ga, pa = ov
     n, m = inter.shape
     out = dict.fromkeys(ERROR_KINDS, 0)
     matched_g = np.zeros(n, bool)
@@ -112,8 +123,13 @@ def error_breakdown(gt: np.ndarray, pred: np.ndarray, iou_threshold: float = 0.5
 def recall_by_area(gt: np.ndarray, pred: np.ndarray, mpp: float,
                    bins: tuple[float, ...] = AREA_BINS_UM2) -> tuple[np.ndarray, np.ndarray]:
     """Nuclei and found nuclei (matched at IoU > 0.5) per area bin in µm² (edges ``bins``; first and last open)."""
-    r = panoptic_quality(gt, pred)
-    _, _, ga, _ = iou_matrix(gt, pred)
+    ov = iou_matrix(gt, pred)
+    return _area_recall(ov, _pq(ov), mpp, bins)
+
+
+def _area_recall(ov: Overlaps, r: PQResult, mpp: float,
+                 bins: tuple[float, ...] = AREA_BINS_UM2) -> tuple[np.ndarray, np.ndarray]:
+    ga = ov[2]
     k = np.digitize(ga * mpp * mpp, bins)
     found = np.zeros(len(ga), bool)
     found[[gi for gi, _ in r.pairs]] = True
@@ -122,7 +138,11 @@ def recall_by_area(gt: np.ndarray, pred: np.ndarray, mpp: float,
 
 def aggregated_jaccard(gt: np.ndarray, pred: np.ndarray) -> float:
     """AJI (Kumar et al. 2017): each GT nucleus joins its best-IoU prediction; unused predictions add to the union."""
-    iou, inter, ga, pa = iou_matrix(gt, pred)
+    return _aji(iou_matrix(gt, pred))
+
+
+def _aji(ov: Overlaps) -> float:
+    iou, inter, ga, pa = ov
     n, m = iou.shape
     if n == 0:
         return 1.0 if m == 0 else 0.0
@@ -208,18 +228,19 @@ def evaluate_images(gts: list[np.ndarray], preds: list[np.ndarray], gt_classes: 
     area_n, area_found = np.zeros(n_bins, np.int64), np.zeros(n_bins, np.int64)
     per_class_pq: dict[str, list[float]] = {n: [] for n in (class_names or [])}
     for k, (g, p) in enumerate(zip(gts, preds)):
-        r = panoptic_quality(g, p)
+        ov = iou_matrix(g, p)
+        r = _pq(ov)
         if g.any() or p.any():
             per["pq"].append(r.pq)
             per["dq"].append(r.dq)
             per["sq"].append(r.sq)
-            per["aji"].append(aggregated_jaccard(g, p))
+            per["aji"].append(_aji(ov))
             per["dice"].append(dice(g, p))
         tp, fp, fn = tp + r.tp, fp + r.fp, fn + r.fn
-        for kind, c in error_breakdown(g, p).items():
+        for kind, c in _errors(ov, r).items():
             errors[kind] += c
         if mpps is not None:
-            a, b = recall_by_area(g, p, mpps[k])
+            a, b = _area_recall(ov, r, mpps[k])
             area_n, area_found = area_n + a, area_found + b
         if gt_classes is not None and pred_classes is not None and class_names:
             gids = np.unique(g)
