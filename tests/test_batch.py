@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 from conftest import synthetic_he, write_pyramid_tiff
 
+from wsiseg.atomic import MARKER
 from wsiseg.batch import collect_slides, load_manifest, run_batch
 from wsiseg.pipeline import SegmentOptions
 
@@ -59,8 +60,9 @@ def test_serial_batch_reports_bad_slides_and_resumes(cohort, tmp_path):
     # simulate a crash: slide1 was half written, its manifest entry never finished
     mtime0 = (out / "slide0" / "summary.json").stat().st_mtime_ns
     shutil.rmtree(out / "slide1")
-    (out / "slide1.partial").mkdir()
-    (out / "slide1.partial" / "slide1.nuclei.parquet.partial").write_bytes(b"half")
+    (out / ".slide1.partial").mkdir()
+    (out / ".slide1.partial" / MARKER).write_text("{}")  # a staging folder of ours, left by the crash
+    (out / ".slide1.partial" / "slide1.nuclei.parquet.partial").write_bytes(b"half")
     man = json.loads((out / "manifest.json").read_text())
     man["slides"]["slide1"]["status"] = "pending"
     (out / "manifest.json").write_text(json.dumps(man))
@@ -68,7 +70,7 @@ def test_serial_batch_reports_bad_slides_and_resumes(cohort, tmp_path):
     run_batch(collect_slides([str(cohort)]), out, "threshold", OPTS, on_result=lambda n, e: seen.append(n))
     assert "slide0" not in seen and "slide1" in seen  # complete slides are skipped, the incomplete one redone
     assert (out / "slide0" / "summary.json").stat().st_mtime_ns == mtime0
-    assert not (out / "slide1.partial").exists()
+    assert not (out / ".slide1.partial").exists()
     assert load_manifest(out)["slides"]["slide1"]["status"] == "done"
 
 
@@ -109,7 +111,7 @@ def test_killed_worker_slide_is_retried(tmp_path, client):
     def killer():
         deadline = time.time() + 120
         while time.time() < deadline and not killed:
-            if (out / "big.partial").exists():
+            if (out / ".big.partial").exists():
                 processing = client.processing()
                 busy = [w for w, tasks in processing.items() if tasks]
                 if busy:
@@ -127,5 +129,5 @@ def test_killed_worker_slide_is_retried(tmp_path, client):
     assert killed, "the worker was never caught mid-slide"
     e = m["slides"]["big"]
     assert e["status"] == "done" and e["pid"] not in killed  # retried on a live worker
-    assert (out / "big" / "summary.json").exists() and not (out / "big.partial").exists()
+    assert (out / "big" / "summary.json").exists() and not (out / ".big.partial").exists()
     assert json.loads((out / "manifest.json").read_text())["slides"]["big"]["status"] == "done"

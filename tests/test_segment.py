@@ -99,7 +99,7 @@ def test_segment_generated_slide_threshold_model(tmp_path):
     inter = ((labels > 0) & (truth > 0)).sum() / ((labels > 0) | (truth > 0)).sum()
     assert inter > 0.9
     assert s["timings_s"]["forward"] > 0 and s["tiles"] == len(list(range(s["grid"][0] * s["grid"][1])))
-    assert not (tmp_path / "out.partial").exists()
+    assert not (tmp_path / ".out.partial").exists()
 
 
 def test_segment_same_nuclei_for_any_tile_size(tmp_path):
@@ -148,7 +148,7 @@ def test_existing_output_is_kept_and_failures_leave_nothing(tmp_path):
 
     with pytest.raises(RuntimeError, match="device lost"):
         segment_slide(path, Exploding(pred.card), out, SegmentOptions(tissue="whole", progress=False, batch_size=1))
-    assert not out.exists() and not (tmp_path / "out.partial").exists()
+    assert not out.exists() and not (tmp_path / ".out.partial").exists()
 
 
 def test_segment_real_svs_end_to_end(slides_dir, tmp_path):
@@ -189,7 +189,7 @@ def test_oversize_error_from_the_writer_leaves_no_output(tmp_path, writer):
     with pytest.raises(NucleusTooLargeError, match="--overlap"):
         segment_slide(path, pred, tmp_path / "o", SegmentOptions(tissue="whole", progress=False, batch_size=1,
                                                                  writer=writer))
-    assert not (tmp_path / "o").exists() and not (tmp_path / "o.partial").exists()
+    assert not (tmp_path / "o").exists() and not (tmp_path / ".o.partial").exists()
 
 
 def test_writer_process_and_thread_write_the_same_outputs(tmp_path):
@@ -234,7 +234,7 @@ def test_writer_process_that_dies_is_reported_and_leaves_no_output(tmp_path):
     pred = KillsWriter(threshold_card(mpp=0.5, tile_size=128, overlap=48))
     with pytest.raises(WriterProcessError, match="exit code -9"):
         segment_slide(path, pred, tmp_path / "o", SegmentOptions(tissue="whole", progress=False, batch_size=1))
-    assert not (tmp_path / "o").exists() and not (tmp_path / "o.partial").exists()
+    assert not (tmp_path / "o").exists() and not (tmp_path / ".o.partial").exists()
 
 
 class _SlowPredictor(ThresholdPredictor):
@@ -381,11 +381,11 @@ def test_interrupted_cli_run_says_so_and_leaves_nothing(tmp_path):
                              "--whole-slide", "--batch-size", "1", "--on-oversize", "drop", "--out", str(out),
                              "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
-    while not (tmp_path / "o.partial").exists() and time.time() < deadline:
+    while not (tmp_path / ".o.partial").exists() and time.time() < deadline:
         time.sleep(0.1)
     time.sleep(2.0)
     assert proc.poll() is None, "the run ended before it could be interrupted"
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "interrupted" in err and "Traceback" not in err, err
-    assert not out.exists() and not (tmp_path / "o.partial").exists()
+    assert not out.exists() and not (tmp_path / ".o.partial").exists()

@@ -1,7 +1,9 @@
 """Many slides: serially with the model loaded once, or on a Dask distributed cluster.
 
-Each slide is segmented into ``<out>/<name>/`` through ``segment_slide``, which
-writes under ``<name>.partial`` and renames only when complete. The manifest
+Each slide is segmented into ``<out>/<name>/`` (``name``: the slide's sanitised
+stem, made unique) through ``segment_slide``, which writes under a hidden
+staging folder and publishes only when complete; a folder wsiseg did not create
+is never replaced. The manifest
 (``<out>/manifest.json``, rewritten atomically by the driver alone) records the
 status, reason, timings, nuclei and checksums of every slide; a rerun skips
 slides that are done and whose outputs are present, and redoes the rest.
@@ -9,17 +11,18 @@ slides that are done and whose outputs are present, and redoes the rest.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import glob
 import hashlib
 import json
 import os
-import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 
+from .atomic import MARKER, OutputError, atomic_path, remove_owned, staging_path, write_text_atomic
 from .pipeline import SegmentOptions
 
 SLIDE_SUFFIXES = {".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif", ".dcm",
@@ -59,15 +62,38 @@ def collect_slides(inputs: Sequence[str]) -> list[Path]:
     return unique
 
 
+RESERVED_NAMES = {"manifest.json", "cohort.csv"}
+
+
+def safe_name(stem: str) -> str:
+    """A folder name made from a slide's file stem that cannot escape or clash with the batch's own files.
+
+    Letters, digits, ``_``, ``-``, ``+`` and inner dots are kept; anything else becomes ``_``. The name never
+    starts with a dot (so never ``.`` or ``..``, nor a hidden staging name) and is never a batch file's name.
+    """
+    import re
+    import unicodedata
+
+    name = re.sub(r"[^\w.+-]", "_", unicodedata.normalize("NFC", stem))
+    name = name.lstrip(".-").rstrip(". ")
+    if not name:
+        name = "slide"
+    if name.casefold() in RESERVED_NAMES:
+        name = "slide-" + name
+    return name[:150]
+
+
 def output_names(slides: Sequence[Path]) -> dict[str, Path]:
-    """A distinct output folder name for every slide: its stem, with a short path hash where stems collide."""
-    stems: dict[str, int] = {}
+    """A distinct, safe output folder name for every slide: its sanitised stem, with a short path hash where
+    names collide (compared without case, as on case-insensitive file systems)."""
+    counts: dict[str, int] = {}
     for s in slides:
-        stems[s.stem] = stems.get(s.stem, 0) + 1
+        key = safe_name(s.stem).casefold()
+        counts[key] = counts.get(key, 0) + 1
     names = {}
     for s in slides:
-        name = s.stem
-        if stems[s.stem] > 1:
+        name = safe_name(s.stem)
+        if counts[name.casefold()] > 1:
             name += "-" + hashlib.sha1(os.path.abspath(s).encode()).hexdigest()[:8]
         names[name] = s
     return names
@@ -107,6 +133,8 @@ def process_slide(slide: str, out_dir: str, model: str, options: dict, device: s
         entry.update(status="failed", reason="no_mpp", error=str(exc))
     except SlideError as exc:
         entry.update(status="failed", reason="unreadable", error=str(exc))
+    except OutputError as exc:
+        entry.update(status="failed", reason="output_not_replaceable", error=str(exc))
     except Exception as exc:  # a slide-specific failure must not stop the batch
         entry.update(status="failed", reason=type(exc).__name__, error=str(exc))
     else:
@@ -115,7 +143,7 @@ def process_slide(slide: str, out_dir: str, model: str, options: dict, device: s
                      nuclei=summary["nuclei"], tiles=summary["tiles"], tissue_area_mm2=summary["tissue_area_mm2"],
                      nuclei_per_class=summary["nuclei_per_class"], timings_s=summary["timings_s"],
                      checksums={p.name: _sha256(p) for p in sorted(Path(out_dir).iterdir())
-                                if p.is_file() and p.name != "summary.json"})
+                                if p.is_file() and p.name not in ("summary.json", MARKER)})
     entry["finished"] = time.time()
     entry["wall_s"] = round(entry["finished"] - t0, 3)
     return entry
@@ -132,9 +160,7 @@ def load_manifest(out: Path) -> dict:
 
 
 def save_manifest(out: Path, manifest: dict) -> None:
-    tmp = out / (MANIFEST + ".partial")
-    tmp.write_text(json.dumps(manifest, indent=2))
-    os.replace(tmp, out / MANIFEST)
+    write_text_atomic(out / MANIFEST, json.dumps(manifest, indent=2))
 
 
 def is_complete(entry: dict | None, out_dir: Path) -> bool:
@@ -166,7 +192,6 @@ def run_batch(slides: Sequence[Path], out: str | os.PathLike, model: str, option
         entry = manifest["slides"].get(name)
         if is_complete(entry, out / name) and entry["slide"] == str(slide):
             continue
-        shutil.rmtree(out / (name + ".partial"), ignore_errors=True)
         manifest["slides"][name] = {"slide": str(slide), "output": str(out / name), "status": "pending"}
         todo.append(name)
     save_manifest(out, manifest)
@@ -209,7 +234,8 @@ def _run_dask(todo, names, out, model, opts, workers, scheduler, device, precisi
             except Exception as exc:  # the worker died too often, or the task could not run
                 entry = {"slide": str(names[name]), "output": str(out / name), "status": "failed",
                          "reason": type(exc).__name__, "error": str(exc)}
-                shutil.rmtree(out / (name + ".partial"), ignore_errors=True)
+                with contextlib.suppress(OutputError):
+                    remove_owned(staging_path(out / name))
             record(name, entry)
     finally:
         if own is not None:
@@ -235,13 +261,11 @@ def write_cohort(out: Path, manifest: dict) -> Path:
                          "density_per_mm2": round(n / tissue, 3) if tissue else None,
                          "fraction": round(n / total, 5) if total else None})
     path = out / "cohort.csv"
-    tmp = out / "cohort.csv.partial"
     fields = ["slide", "path", "status", "reason", "class", "nuclei", "tissue_area_mm2", "density_per_mm2", "fraction"]
-    with open(tmp, "w", newline="") as f:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields)
         w.writeheader()
         w.writerows(rows)
-    os.replace(tmp, path)
     return path
 
 

@@ -137,15 +137,15 @@ def save_model(model: nn.Module, card: ModelCard, path: str | os.PathLike, half:
     """Write weights as safetensors with the card in its metadata, plus ``<name>.json`` beside it."""
     from safetensors.torch import save_file
 
+    from .atomic import atomic_path, write_text_atomic
+
     path = Path(path)
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     if half:
         state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
-    tmp = path.with_name(path.name + ".partial")
-    save_file(state, str(tmp), metadata={"wsiseg_card": card.to_json()})
-    os.replace(tmp, path)
-    card_path = path.with_suffix(".json")
-    card_path.write_text(card.to_json())
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp), metadata={"wsiseg_card": card.to_json()})
+    write_text_atomic(path.with_suffix(".json"), card.to_json())
     return path
 
 

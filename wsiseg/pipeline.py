@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
+from .atomic import OutputError, check_replaceable, make_staging, publish, recover
 from .inference import MaskRCNNPredictor, Predictor, raw_to_numpy
 from .outputs import Geometry
 from .sink import Timer, WriterSpec, make_sink
@@ -43,7 +44,7 @@ class SegmentOptions:
     density_cell_um: float = 100.0
 
 
-class OutputExistsError(FileExistsError):
+class OutputExistsError(OutputError):
     pass
 
 
@@ -61,26 +62,26 @@ def segment_slide(slide_path: str | os.PathLike, predictor: Predictor, out_dir: 
                   options: SegmentOptions | None = None) -> dict:
     """Segment one slide into ``out_dir``; returns the run summary.
 
-    Everything is written under ``<out_dir>.partial`` and renamed to
-    ``out_dir`` only when complete, so a run that stops leaves no output that
-    looks finished. With ``options.writer == "process"`` (the default) the
+    Everything is written under a hidden staging folder and published to
+    ``out_dir`` only when complete (``wsiseg.atomic``), so a run that stops
+    leaves no output that looks finished; an existing ``out_dir`` is replaced
+    only with ``overwrite`` and only when wsiseg created it and it holds no
+    input of the run. With ``options.writer == "process"`` (the default) the
     writers run in a spawned process, so a calling script needs an
     ``if __name__ == "__main__":`` guard.
     """
     o = options or SegmentOptions()
     out_dir = Path(out_dir)
-    if out_dir.exists() and not o.overwrite:
+    inputs = [Path(slide_path)] + ([Path(o.tissue)] if o.tissue not in ("detect", "whole") else [])
+    recover(out_dir)
+    if (out_dir.exists() or out_dir.is_symlink()) and not o.overwrite:
         raise OutputExistsError(f"{out_dir}: output folder exists (pass --overwrite to replace it)")
-    tmp_dir = out_dir.with_name(out_dir.name + ".partial")
-    if tmp_dir.exists():
-        shutil.rmtree(tmp_dir)
-    tmp_dir.mkdir(parents=True)
+    check_replaceable(out_dir, inputs)
+    tmp_dir = make_staging(out_dir, "segment")
     try:
         summary = _run(Path(slide_path), predictor, tmp_dir, o)
         (tmp_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp_dir, out_dir)
+        publish(tmp_dir, out_dir, inputs)
         summary["outputs"] = {k: str(out_dir / Path(v).name) for k, v in summary["outputs"].items()}
         return summary
     except BaseException:

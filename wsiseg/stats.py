@@ -316,13 +316,10 @@ def write_run_stats(out_dir: str | os.PathLike, run: dict, cell_um: float = 100.
 def _write_artifacts(out_dir: Path, run: dict, st: SlideStats, summary: dict, colors: dict) -> dict:
     import zarr
 
-    stats_dir = out_dir / "stats"
-    tmp = out_dir / "stats.partial"
-    if tmp.exists():
-        import shutil
+    from .atomic import make_staging, publish
 
-        shutil.rmtree(tmp)
-    tmp.mkdir()
+    stats_dir = out_dir / "stats"
+    tmp = make_staging(stats_dir, "stats")
     (tmp / "summary.json").write_text(json.dumps(summary, indent=2))
     rows = summary_rows(summary)
     with open(tmp / "summary.csv", "w", newline="") as f:
@@ -352,11 +349,7 @@ def _write_artifacts(out_dir: Path, run: dict, st: SlideStats, summary: dict, co
     for name, data in images.items():
         (tmp / name).write_bytes(data)
     (tmp / "report.html").write_text(_report_html(run, summary, rows, images, colors))
-    if stats_dir.exists():
-        import shutil
-
-        shutil.rmtree(stats_dir)
-    os.replace(tmp, stats_dir)
+    publish(tmp, stats_dir)
     return summary
 
 

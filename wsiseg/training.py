@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.models.detection.roi_heads import RoIHeads, project_masks_on_boxes
 
+from .atomic import write_text_atomic
 from .model import ModelCard, ModelConfig, build_model, default_classes, save_model
 
 # ------------------------------------------------------------------ partial-label ROI heads
@@ -444,11 +445,24 @@ class TrainConfig:
     def from_yaml(cls, path: str | os.PathLike) -> "TrainConfig":
         import yaml
 
-        with open(path) as f:
-            d = yaml.safe_load(f) or {}
+        try:
+            with open(path) as f:
+                d = yaml.safe_load(f) or {}
+        except yaml.YAMLError as exc:
+            raise ValueError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+        if not isinstance(d, dict):
+            raise ValueError(f"{path}: a training config is a mapping of settings, got {type(d).__name__}")
         unknown = set(d) - set(cls.__dataclass_fields__)
         if unknown:
             raise ValueError(f"{path}: unknown training settings {sorted(unknown)}")
+        if not isinstance(d.get("model", {}), dict):
+            raise ValueError(f"{path}: 'model' must be a mapping of network settings")
+        from .model import ModelConfig
+
+        bad = set(d.get("model", {})) - set(ModelConfig.__dataclass_fields__)
+        if bad:
+            raise ValueError(f"{path}: unknown network settings under 'model': {sorted(bad)} "
+                             f"(known: {sorted(ModelConfig.__dataclass_fields__)})")
         return cls(**d)
 
 
@@ -622,6 +636,31 @@ def extra_training_data(cfg: TrainConfig, class_names: list[str]) -> list[Sample
     return out
 
 
+def save_checkpoint(path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, step: int) -> None:
+    """Weights, optimizer state and step, written to a temporary name and renamed (a kill leaves the old one)."""
+    from .atomic import atomic_path
+
+    with atomic_path(path) as tmp:
+        torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step}, tmp)
+
+
+def load_checkpoint(path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer) -> int:
+    """Restore a checkpoint of ``save_checkpoint`` (never unpickling objects); returns its step."""
+    try:
+        state = torch.load(path, weights_only=True, map_location="cpu")
+        step = int(state["step"])
+    except Exception as exc:  # torch raises many kinds for a damaged file
+        raise ValueError(f"{path}: training checkpoint is damaged or not a wsiseg checkpoint ({type(exc).__name__}: "
+                         f"{exc}); move it away to train from the start (or from 'init')") from None
+    try:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as exc:
+        raise ValueError(f"{path}: checkpoint does not fit the configured network (the 'model' settings changed "
+                         f"since it was written?): {str(exc).splitlines()[0]}") from None
+    return step
+
+
 def train(cfg: TrainConfig, log=print) -> dict:
     """Train, validating every ``val_every`` steps; exports the best model (by PQ) with its card.
 
@@ -664,10 +703,7 @@ def train(cfg: TrainConfig, log=print) -> dict:
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
     step, best = 0, {"pq": -1.0}
     if ckpt.exists():
-        state = torch.load(ckpt, weights_only=True)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        step = int(state["step"])
+        step = load_checkpoint(ckpt, model, opt)
         best = json.loads((out / "best.json").read_text()) if (out / "best.json").exists() else best
         log(f"resumed from {ckpt} at step {step}")
     rng = np.random.default_rng(cfg.seed + step)
@@ -716,7 +752,7 @@ def train(cfg: TrainConfig, log=print) -> dict:
                     + " ".join(f"{k[5:]}={v.item():.3f}" for k, v in losses.items()) + f" ({time.time() - t0:.0f} s)")
             out_of_time = cfg.max_minutes is not None and time.time() - t0 > cfg.max_minutes * 60
             if step % cfg.val_every == 0 or step == cfg.steps or out_of_time:
-                torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step}, ckpt)
+                save_checkpoint(ckpt, model, opt, step)
                 if val_s:
                     metrics = validate(model, card, val_s, class_names)
                     log(f"validation at step {step}: " + ", ".join(
@@ -727,7 +763,7 @@ def train(cfg: TrainConfig, log=print) -> dict:
                         best = {"step": step, **metrics}
                         card.metrics = {"validation": best, "val_images": val_names}
                         save_model(model, card, out / "best.safetensors", half=True)
-                        (out / "best.json").write_text(json.dumps(best, indent=2))
+                        write_text_atomic(out / "best.json", json.dumps(best, indent=2))
     finally:
         logf.close()
     if not val_s:

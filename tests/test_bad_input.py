@@ -1,0 +1,217 @@
+"""Hostile input, names and faults against the command line, each in a sandbox folder.
+
+Every case runs ``wsiseg`` as a user would (a subprocess) and asserts: the exit code; one error line
+and no traceback; no output that looks complete where the run failed; bounded time and memory; and
+that every file outside the output folder, and every user file inside it, is byte for byte untouched.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import resource
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import synthetic_he
+
+from wsiseg.atomic import MARKER
+
+MAX_RSS = 4 << 30  # bytes of resident memory any case may reach
+TIME_LIMIT = 240  # seconds of CPU time, and of wall time, for one case
+
+
+def _limits() -> None:
+    resource.setrlimit(resource.RLIMIT_CPU, (TIME_LIMIT, TIME_LIMIT))
+
+
+def _png(path: Path, size: int = 256, seed: int = 0) -> Path:
+    from PIL import Image
+
+    img, _ = synthetic_he(size, size, seed=seed, n_nuclei=size // 8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(img).save(path, format="PNG")
+    return path
+
+
+def _checksums(root: Path, skip: Path | None = None) -> dict[str, str]:
+    """sha256 of every file under ``root`` except those inside ``skip`` (not following links)."""
+    out = {}
+    for dirpath, dirnames, files in os.walk(root):
+        d = Path(dirpath)
+        if skip is not None and (d == skip or skip in d.parents):
+            continue
+        for f in files:
+            p = d / f
+            out[str(p.relative_to(root))] = hashlib.sha256(p.read_bytes()).hexdigest() if not p.is_symlink() else "link"
+    return out
+
+
+@dataclass
+class Case:
+    name: str
+    args: list[str]  # {sb} is the sandbox folder
+    rc: int
+    setup: object = None  # callable(sandbox)
+    out: str | None = "out"  # the output folder, relative to the sandbox; files elsewhere must not change
+    stderr_has: list[str] = field(default_factory=list)
+    check: object = None  # callable(sandbox, proc)
+    user_files_in_out: bool = True  # user files placed in the output folder before the run must survive
+
+
+def _user_files(sb: Path) -> None:
+    """A user's slides and notes around (and in) the output folder."""
+    (sb / "notes.txt").write_text("my annotations\n")
+    (sb / "slides").mkdir(exist_ok=True)
+    _png(sb / "slides" / "keep.png", seed=9)
+
+
+def _batch_names(sb: Path) -> None:
+    _user_files(sb)
+    for i, n in enumerate(["..png", "...png", "x.png", "x.partial.png", "manifest.json.png", "X.png"]):
+        _png(sb / "in" / n, seed=i)
+    (sb / "out").mkdir()
+    (sb / "out" / "earlier-results.txt").write_text("user notes in the batch folder\n")
+
+
+def _check_batch_names(sb: Path, proc) -> None:
+    man = json.loads((sb / "out" / "manifest.json").read_text())
+    slides = man["slides"]
+    assert len(slides) == 6 and all(e["status"] == "done" for e in slides.values()), slides
+    outs = {Path(e["output"]).resolve() for e in slides.values()}
+    assert len(outs) == 6 and all(o.parent == (sb / "out").resolve() for o in outs)
+    for e in slides.values():  # each slide's own outputs, complete
+        summ = json.loads((Path(e["output"]) / "summary.json").read_text())
+        assert Path(summ["slide"]).name == Path(e["slide"]).name
+    assert (sb / "out" / "earlier-results.txt").read_text() == "user notes in the batch folder\n"
+
+
+def _foreign_slide_folder(sb: Path) -> None:
+    _user_files(sb)
+    _png(sb / "in" / "a.png")
+    (sb / "out" / "a").mkdir(parents=True)
+    (sb / "out" / "a" / "mine.txt").write_text("not wsiseg's\n")
+
+
+def _check_refused_slide(sb: Path, proc) -> None:
+    entry = json.loads((sb / "out" / "manifest.json").read_text())["slides"]["a"]
+    assert entry["status"] == "failed" and entry["reason"] == "output_not_replaceable"
+    assert "not created by wsiseg" in entry["error"] and "not created by wsiseg" in proc.stdout
+
+
+def _slide_in_out(sb: Path) -> None:
+    _user_files(sb)
+    _png(sb / "out" / "slide.png")
+    (sb / "out" / MARKER).write_text("{}")  # even a folder wsiseg made is kept when it holds the input
+
+
+def _foreign_out(sb: Path) -> None:
+    _user_files(sb)
+    (sb / "out").mkdir()
+    (sb / "out" / "thesis.docx").write_text("years of work\n")
+
+
+def _foreign_partial(sb: Path) -> None:
+    _user_files(sb)
+    (sb / ".out.partial").mkdir()
+    (sb / ".out.partial" / "draft.txt").write_text("a folder of the user's that happens to have this name\n")
+
+
+def _out_is_file(sb: Path) -> None:
+    _user_files(sb)
+    (sb / "out").write_text("a file, not a folder\n")
+
+
+def _out_is_link(sb: Path) -> None:
+    _user_files(sb)
+    (sb / "elsewhere").mkdir()
+    (sb / "elsewhere" / MARKER).write_text("{}")
+    (sb / "elsewhere" / "data.txt").write_text("behind the link\n")
+    (sb / "out").symlink_to(sb / "elsewhere")
+
+
+def _no_output(sb: Path, proc) -> None:
+    assert not (sb / "out").exists()
+
+
+def _damaged_checkpoint(sb: Path) -> None:
+    _user_files(sb)
+    (sb / "run").mkdir()
+    (sb / "run" / "last.pt").write_bytes(b"")
+    (sb / "cfg.yaml").write_text(f"data: {sb / 'data'}\nout: {sb / 'run'}\nsteps: 1\nval_fraction: 0.5\n"
+                                 "model: {width: 8}\n")
+    from PIL import Image
+
+    (sb / "data" / "images").mkdir(parents=True)
+    (sb / "data" / "labels").mkdir()
+    for name in "ab":
+        img, lab = synthetic_he(128, 128, seed=ord(name), n_nuclei=12)
+        Image.fromarray(img).save(sb / "data" / "images" / f"{name}.png")
+        Image.fromarray(lab.astype(np.uint16)).save(sb / "data" / "labels" / f"{name}.png")
+
+
+SLIDE = ["--mpp", "0.25", "--whole-slide", "--model", "threshold", "--quiet", "--no-stats", "--no-zarr"]
+BATCH = ["--mpp", "0.25", "--whole-slide", "--model", "threshold", "--no-stats", "--no-zarr"]
+
+CASES = [
+    Case("batch-dot-names", ["batch", "{sb}/in", "--out", "{sb}/out", *BATCH], 0, _batch_names,
+         check=_check_batch_names),
+    Case("batch-rerun-dot-names", ["batch", "{sb}/in", "--out", "{sb}/out", *BATCH], 0,
+         lambda sb: (_batch_names(sb), _run(["batch", f"{sb}/in", "--out", f"{sb}/out", *BATCH], sb)),
+         check=_check_batch_names),
+    Case("batch-foreign-slide-folder", ["batch", "{sb}/in", "--out", "{sb}/out", *BATCH], 1, _foreign_slide_folder,
+         check=_check_refused_slide),
+    Case("segment-overwrite-slide-inside-out", ["segment", "{sb}/out/slide.png", "--out", "{sb}/out", "--overwrite",
+                                                *SLIDE], 2, _slide_in_out, stderr_has=["holds an input"]),
+    Case("segment-overwrite-foreign-folder", ["segment", "{sb}/slides/keep.png", "--out", "{sb}/out", "--overwrite",
+                                              *SLIDE], 2, _foreign_out, stderr_has=["not created by wsiseg"]),
+    Case("segment-foreign-partial", ["segment", "{sb}/slides/keep.png", "--out", "{sb}/out", *SLIDE], 2,
+         _foreign_partial, stderr_has=[".out.partial", "not created by wsiseg"], check=_no_output),
+    Case("segment-out-is-file", ["segment", "{sb}/slides/keep.png", "--out", "{sb}/out", "--overwrite", *SLIDE], 2,
+         _out_is_file, stderr_has=["not a folder"]),
+    Case("segment-out-is-symlink", ["segment", "{sb}/slides/keep.png", "--out", "{sb}/out", "--overwrite", *SLIDE], 2,
+         _out_is_link, stderr_has=["symbolic link"]),
+    Case("train-damaged-checkpoint", ["train", "{sb}/cfg.yaml"], 2, _damaged_checkpoint, out="run",
+         stderr_has=["last.pt", "damaged"]),
+]
+
+
+def _run(args: list[str], sb: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    return subprocess.run([sys.executable, "-m", "wsiseg.cli", *[a.format(sb=sb) for a in args]], cwd=sb,
+                          capture_output=True, text=True, timeout=TIME_LIMIT, env=env, preexec_fn=_limits)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_bad_input(case: Case, tmp_path: Path) -> None:
+    sb = tmp_path / "sandbox"
+    sb.mkdir()
+    if case.setup is not None:
+        case.setup(sb)
+    out = sb / case.out if case.out else None
+    before = _checksums(sb, skip=out if out is not None and not out.is_symlink() else None)
+    inside = {} if out is None or out.is_symlink() or not out.is_dir() else _checksums(out)
+    proc = _run(case.args, sb)
+    assert proc.returncode == case.rc, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    if case.rc != 0:
+        err = [ln for ln in proc.stderr.splitlines() if ln.startswith("wsiseg: error")]
+        assert len(err) <= 1
+    for s in case.stderr_has:
+        assert s in proc.stderr, proc.stderr
+    after = _checksums(sb, skip=out if out is not None and not out.is_symlink() else None)
+    assert {k: v for k, v in after.items() if k in before} == before  # nothing outside the output changed
+    if case.user_files_in_out and inside:
+        now = _checksums(out) if out.is_dir() else {}
+        for k, v in inside.items():  # the user's own files in the output folder survive
+            if not k.startswith(".") and MARKER not in k:
+                assert now.get(k) == v, k
+    if case.check is not None:
+        case.check(sb, proc)
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    assert usage.ru_maxrss * 1024 < MAX_RSS
