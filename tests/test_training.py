@@ -383,3 +383,41 @@ def test_train_draws_crops_from_extra_data(tmp_path, monkeypatch):
 
     card = load_card(tmp_path / "run" / "best.safetensors")
     assert card.training["extra_images"] == 3 and card.class_names == ["nucleus"]
+
+
+def test_train_on_several_datasets_with_their_splits(tmp_path, monkeypatch):
+    """Datasets with and without classes: their shares, their own validation images, unknown classes."""
+    import wsiseg.training as tr
+
+    typed = _instance_folder(tmp_path / "typed", ["t_0", "t_1", "t_2"], classes=["epi", "immune"])
+    plain = _instance_folder(tmp_path / "plain", ["pa", "pb"])
+    split = tmp_path / "split-typed.json"
+    split.write_text(json.dumps({"train": ["t_0", "t_1"], "val": ["t_2"]}))
+    drawn = []
+    crop = tr.random_crop
+    monkeypatch.setattr(tr, "random_crop", lambda s, *a, **k: (drawn.append((s.name, dict(s.classes))),
+                                                                 crop(s, *a, **k))[1])
+    cfg = TrainConfig(name="x", class_names=["immune", "epi"],
+                      datasets=[{"path": str(typed), "share": 1, "split": str(split)},
+                                {"path": str(plain), "share": 3, "val_fraction": 0.5}],
+                      model=dict(backbone="resnet18", width=8, fpn_channels=32, box_head_dim=64,
+                                 mask_head_channels=16, detections_per_tile=50),
+                      tile_size=128, overlap=32, steps=4, batch_size=4, val_every=4, warmup_steps=1,
+                      out=str(tmp_path / "run"), threads=1)
+    train(cfg, log=lambda *_: None)
+    names = [n for n, _ in drawn]
+    assert "t_2" not in names and 6 <= sum(n.startswith("p") for n in names) <= 16  # 3/4 of the crops
+    assert all(not c for n, c in drawn if n.startswith("p"))  # no classes: unknown, not the first class
+    assert all(set(c.values()) == {0, 1} for n, c in drawn if n.startswith("t_"))
+    val = [json.loads(ln) for ln in (tmp_path / "run" / "val.jsonl").read_text().splitlines()]
+    assert set(val[-1]["datasets"]) == {"typed", "plain"}
+    assert val[-1]["pq"] == pytest.approx(np.mean([m["pq"] for m in val[-1]["datasets"].values()]))
+    from wsiseg.model import load_card
+
+    card = load_card(tmp_path / "run" / "best.safetensors")
+    assert card.class_names == ["immune", "epi"] and card.training["steps_done"] == 4
+    assert card.training["datasets"]["plain"]["share"] == 0.75
+    saved = json.loads((tmp_path / "run" / "split.json").read_text())
+    assert saved["typed"]["val"] == ["t_2"] and len(saved["plain"]["val"]) == 1
+    with pytest.raises(ValueError, match="'path'"):
+        tr.training_pools(TrainConfig(datasets=[{"where": str(plain)}]))

@@ -156,7 +156,10 @@ class InstanceFolder:
             lab = np.asarray(Image.open(root / "labels" / f"{n}.png")).astype(np.int32)
             if lab.shape != img.shape[:2]:
                 raise ValueError(f"{root / 'labels' / n}.png: shape {lab.shape} differs from its image {img.shape[:2]}")
-            cls = table.get(n) if table else {int(i): 0 for i in np.unique(lab)[1:]}
+            if table or (root / "classes.csv").exists():
+                cls = table.get(n)
+            else:  # no class labels: one class for a one-class model, unknown for several
+                cls = {int(i): 0 for i in np.unique(lab)[1:]} if len(self.class_names) == 1 else {}
             self.samples.append(Sample(n, img, lab, dict(cls or {}), set(), self.mpp))
 
     def __len__(self) -> int:
@@ -413,6 +416,7 @@ class TrainConfig:
     data_mpp: float | None = None  # COCO: the images' mpp; GeoJSON: overrides the slide's
     extra_data: list[str] = field(default_factory=list)  # more label folders / COCO .json, for training only
     extra_share: float = 0.5  # share of training crops drawn from extra_data
+    datasets: list[dict[str, Any]] = field(default_factory=list)  # several datasets: {path, share, split}; see Pool
     val_names: list[str] = field(default_factory=list)  # whole images for validation
     val_fraction: float = 0.2
     class_names: list[str] | None = None
@@ -636,16 +640,19 @@ def extra_training_data(cfg: TrainConfig, class_names: list[str]) -> list[Sample
     return out
 
 
-def save_checkpoint(path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, step: int) -> None:
+def save_checkpoint(path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, step: int,
+                    seconds: float = 0.0) -> None:
     """Weights, optimizer state and step, written to a temporary name and renamed (a kill leaves the old one)."""
     from .atomic import atomic_path
 
     with atomic_path(path) as tmp:
-        torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step}, tmp)
+        torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
+                    "seconds": float(seconds)}, tmp)
 
 
-def load_checkpoint(path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer) -> int:
-    """Restore a checkpoint of ``save_checkpoint`` (never unpickling objects); returns its step."""
+def load_checkpoint(path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer) -> tuple[int, float]:
+    """Restore a checkpoint of ``save_checkpoint`` (never unpickling objects); returns its step and the
+    training seconds spent up to it."""
     try:
         state = torch.load(path, weights_only=True, map_location="cpu")
         step = int(state["step"])
@@ -658,7 +665,104 @@ def load_checkpoint(path: Path, model: torch.nn.Module, opt: torch.optim.Optimiz
     except (RuntimeError, ValueError, KeyError) as exc:
         raise ValueError(f"{path}: checkpoint does not fit the configured network (the 'model' settings changed "
                          f"since it was written?): {str(exc).splitlines()[0]}") from None
-    return step
+    return step, float(state.get("seconds", 0.0))
+
+
+@dataclass
+class Pool:
+    """One dataset's training and validation images, and its share of the training crops."""
+
+    name: str
+    share: float
+    train: list[Sample]
+    val: list[Sample]
+    split: dict[str, list[str]]
+
+
+DATASET_KEYS = {"path", "name", "share", "split", "val_fraction", "mpp"}
+
+
+def _dataset_pool(d: dict[str, Any], cfg: TrainConfig, class_names: list[str] | None) -> tuple[Pool, list[str]]:
+    """A ``datasets:`` entry as a pool: its split file (``{"train": [...], "val": [...]}``) or a seeded split
+    by whole source image, the run's hidden labels applied to its training images."""
+    from dataclasses import replace
+
+    if not isinstance(d, dict) or "path" not in d or set(d) - DATASET_KEYS:
+        raise ValueError(f"datasets: each entry is a mapping with 'path' and optionally {sorted(DATASET_KEYS - {'path'})}"
+                         f", got {d!r}")
+    data = load_dataset(d["path"], class_names, mpp=d.get("mpp"))
+    if not data.samples:
+        raise ValueError(f"{d['path']}: holds no images")
+    class_names = class_names or data.class_names
+    by_name = {s.name: s for s in data.samples}
+    if len(class_names) == 1:
+        for s in data.samples:
+            s.classes = {int(i): 0 for i in np.unique(s.instances)[1:]}
+    if d.get("split"):
+        split = json.loads(Path(d["split"]).read_text())
+        missing = [n for n in split.get("train", []) + split.get("val", []) if n not in by_name]
+        if missing or "val" not in split:
+            raise ValueError(f"{d['split']}: needs 'train' and 'val' lists of image names of {d['path']} "
+                             f"(unknown: {missing[:5]})")
+        train_names, val_names = list(split["train"]), list(split["val"])
+    else:
+        sub = replace(cfg, val_names=[], val_fraction=float(d.get("val_fraction", cfg.val_fraction)))
+        train_names, val_names = split_names(list(by_name), sub)
+    train_s = [by_name[n] for n in train_names]
+    hide_labels(train_s, cfg.hide_class_fraction, cfg.hide_mask_fraction, cfg.seed)
+    train_s = apply_partial_mode(train_s, cfg.partial_mode)
+    share = float(d.get("share", 1.0))
+    if not train_s:
+        raise ValueError(f"{d['path']}: no training images left after the validation split")
+    if not share > 0:
+        raise ValueError(f"{d['path']}: share must be above 0, got {share}")
+    name = d.get("name") or Path(d["path"]).name
+    return Pool(name, share, train_s, [by_name[n] for n in val_names],
+                {"train": train_names, "val": val_names}), class_names
+
+
+def training_pools(cfg: TrainConfig) -> tuple[list[Pool], list[str]]:
+    """The datasets a run draws its crops from, with shares summing to 1, and the class names."""
+    if cfg.datasets:
+        pools, class_names = [], cfg.class_names
+        for d in cfg.datasets:
+            pool, class_names = _dataset_pool(d, cfg, class_names)
+            pools.append(pool)
+        if len({p.name for p in pools}) != len(pools):
+            raise ValueError("datasets: names must be distinct (give each a 'name')")
+    else:
+        train_s, val_s, class_names, (train_names, val_names) = training_data(cfg)
+        extra_s = extra_training_data(cfg, class_names)
+        main_share = 1.0 - cfg.extra_share if extra_s else 1.0
+        pools = [Pool(Path(cfg.data).name, main_share, train_s, val_s, {"train": train_names, "val": val_names})]
+        if extra_s:
+            pools.append(Pool("extra_data", cfg.extra_share, extra_s, [], {"train": [s.name for s in extra_s],
+                                                                           "val": []}))
+    total = sum(p.share for p in pools)
+    for p in pools:
+        p.share /= total
+    return pools, class_names
+
+
+def _pick_pool(pools: list[Pool], rng: np.random.Generator) -> Pool:
+    if len(pools) == 1:
+        return pools[0]
+    r, acc = rng.random(), 0.0
+    for p in pools:
+        acc += p.share
+        if r < acc:
+            return p
+    return pools[-1]
+
+
+def validate_pools(model: torch.nn.Module, card: ModelCard, pools: list[Pool], class_names: list[str]) -> dict:
+    """Validation metrics; with several validated datasets, the mean PQ/F1/AJI over them and each one's."""
+    per = {p.name: validate(model, card, p.val, class_names) for p in pools if p.val}
+    if len(per) == 1:
+        return next(iter(per.values()))
+    out: dict[str, Any] = {k: float(np.mean([m[k] for m in per.values()])) for k in ("pq", "f1", "aji", "dq", "sq")}
+    out["datasets"] = per
+    return out
 
 
 def train(cfg: TrainConfig, log=print) -> dict:
@@ -670,15 +774,21 @@ def train(cfg: TrainConfig, log=print) -> dict:
         torch.set_num_threads(cfg.threads)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    train_s, val_s, class_names, (train_names, val_names) = training_data(cfg)
-    extra_s = extra_training_data(cfg, class_names)
-    (out / "split.json").write_text(json.dumps({"train": train_names, "val": val_names}, indent=2))
+    pools, class_names = training_pools(cfg)
+    splits = {p.name: p.split for p in pools}
+    write_text_atomic(out / "split.json", json.dumps(pools[0].split if len(pools) == 1 else splits, indent=2))
+    val_names = [n for p in pools for n in p.split["val"]]
 
     mcfg = ModelConfig(**{**cfg.model, "num_classes": len(class_names), "tile_size": cfg.tile_size})
+    data_info = {"train_images": sum(len(p.train) for p in pools), "val_images": sum(len(p.val) for p in pools)}
+    if len(pools) > 1:
+        data_info["datasets"] = {p.name: {"share": round(p.share, 4), "train_images": len(p.train),
+                                          "val_images": len(p.val)} for p in pools}
+    if cfg.extra_data and not cfg.datasets:
+        data_info["extra_images"] = sum(len(p.train) for p in pools if p.name == "extra_data")
     card = ModelCard(name=cfg.name, classes=default_classes(class_names), mpp=cfg.mpp, tile_size=cfg.tile_size,
                      overlap=cfg.overlap, config=mcfg, description=cfg.description,
-                     training={**asdict(cfg), "train_images": len(train_s), "val_images": len(val_s),
-                               **({"extra_images": len(extra_s)} if extra_s else {})})
+                     training={**asdict(cfg), **data_info})
     src = None
     if cfg.init:
         from .card import default_model_path, load_card
@@ -701,9 +811,9 @@ def train(cfg: TrainConfig, log=print) -> dict:
     no_decay = [p for p in params if p.ndim <= 1]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
-    step, best = 0, {"pq": -1.0}
+    step, best, seconds_before = 0, {"pq": -1.0}, 0.0
     if ckpt.exists():
-        step = load_checkpoint(ckpt, model, opt)
+        step, seconds_before = load_checkpoint(ckpt, model, opt)
         best = json.loads((out / "best.json").read_text()) if (out / "best.json").exists() else best
         log(f"resumed from {ckpt} at step {step}")
     rng = np.random.default_rng(cfg.seed + step)
@@ -725,7 +835,7 @@ def train(cfg: TrainConfig, log=print) -> dict:
             model.train()
             imgs, tgts = [], []
             for _ in range(cfg.batch_size):
-                pool = extra_s if extra_s and rng.random() < cfg.extra_share else train_s
+                pool = _pick_pool(pools, rng).train
                 s = pool[int(rng.integers(len(pool)))]
                 img, t = random_crop(s, cfg.tile_size, cfg.mpp, rng, cfg.scale_jitter, cfg.hed_jitter)
                 imgs.append(torch.from_numpy(img).permute(2, 0, 1).float() / 255)
@@ -752,9 +862,13 @@ def train(cfg: TrainConfig, log=print) -> dict:
                     + " ".join(f"{k[5:]}={v.item():.3f}" for k, v in losses.items()) + f" ({time.time() - t0:.0f} s)")
             out_of_time = cfg.max_minutes is not None and time.time() - t0 > cfg.max_minutes * 60
             if step % cfg.val_every == 0 or step == cfg.steps or out_of_time:
-                save_checkpoint(ckpt, model, opt, step)
-                if val_s:
-                    metrics = validate(model, card, val_s, class_names)
+                seconds = seconds_before + time.time() - t0
+                save_checkpoint(ckpt, model, opt, step, seconds)
+                card.training["steps_done"] = step
+                card.training["cpu_hours"] = round(seconds * torch.get_num_threads() / 3600, 2)
+                card.training["wall_hours"] = round(seconds / 3600, 2)
+                if val_names:
+                    metrics = validate_pools(model, card, pools, class_names)
                     log(f"validation at step {step}: " + ", ".join(
                         f"{k}={v:.3f}" for k, v in metrics.items() if isinstance(v, float)))
                     with open(out / "val.jsonl", "a") as f:
@@ -766,6 +880,6 @@ def train(cfg: TrainConfig, log=print) -> dict:
                         write_text_atomic(out / "best.json", json.dumps(best, indent=2))
     finally:
         logf.close()
-    if not val_s:
+    if not val_names:
         save_model(model, card, out / "best.safetensors", half=True)
     return best
