@@ -6,6 +6,7 @@ import math
 import subprocess
 import sys
 import uuid
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -389,3 +390,37 @@ def test_interrupted_cli_run_says_so_and_leaves_nothing(tmp_path):
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "interrupted" in err and "Traceback" not in err, err
     assert not out.exists() and not (tmp_path / ".o.partial").exists()
+
+
+@pytest.mark.parametrize("how", ["SIGKILL", "SIGTERM"])
+def test_writer_process_ends_with_its_parent(tmp_path, how):
+    import signal
+    import time
+
+    path, _, _ = _slide(tmp_path, h=1200, w=1200)
+    model_path, _, _ = tiny_model(tmp_path)
+    proc = subprocess.Popen([sys.executable, "-m", "wsiseg.cli", "segment", str(path), "--model", str(model_path),
+                             "--whole-slide", "--batch-size", "1", "--on-oversize", "drop", "--out",
+                             str(tmp_path / "o"), "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    children: list[int] = []
+    while not children and time.time() < deadline:
+        time.sleep(0.2)
+        kids = Path(f"/proc/{proc.pid}/task/{proc.pid}/children")
+        children = [int(c) for c in kids.read_text().split()] if kids.exists() else []
+    assert children, "the writer process never started"
+    time.sleep(1.0)
+    proc.send_signal(getattr(signal, how))
+    proc.wait(timeout=60)
+
+    def running(pid: int) -> bool:
+        try:
+            return "zombie" not in Path(f"/proc/{pid}/status").read_text()
+        except OSError:
+            return False
+
+    deadline = time.time() + 30
+    while any(map(running, children)) and time.time() < deadline:
+        time.sleep(0.2)
+    alive = [c for c in children if running(c)]
+    assert not alive, f"writer process(es) {alive} outlived the killed run"

@@ -243,11 +243,34 @@ def _exit_on_signal(signum, frame) -> None:
     raise SystemExit(128 + signum)
 
 
+def _end_with_parent() -> None:
+    """SIGTERM this process when its parent dies, by any signal: at once on Linux (``PR_SET_PDEATHSIG``),
+    within a second elsewhere (a thread watching the parent's pid); a child that ignores it ends 10 s later."""
+    parent = os.getppid()
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(10.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="wsiseg-parent-watch", daemon=True).start()
+
+
 def _serve(spec: WriterSpec, inq, outq, nuclei, nice: int) -> None:
     """The writer process: add batches from ``inq`` until ``None``, then close and report on ``outq``."""
     # terminate() from the parent: unwind normally, so the unfinished outputs are removed and the
     # libraries' own resources (numcodecs' lock, say) are released rather than reported as leaked
     signal.signal(signal.SIGTERM, _exit_on_signal)
+    _end_with_parent()
     try:
         if nice and hasattr(os, "nice"):
             os.nice(nice)
