@@ -424,3 +424,49 @@ def test_writer_process_ends_with_its_parent(tmp_path, how):
         time.sleep(0.2)
     alive = [c for c in children if running(c)]
     assert not alive, f"writer process(es) {alive} outlived the killed run"
+
+
+def _region_file(path, rings):
+    feats = [{"type": "Feature", "properties": {}, "geometry": {"type": "Polygon", "coordinates": [r]}} for r in rings]
+    path.write_text(json.dumps({"type": "FeatureCollection", "features": feats}))
+    return path
+
+
+def test_region_keeps_exactly_the_nuclei_inside_it(tmp_path):
+    from shapely.geometry import Point, Polygon
+
+    path, _, _ = _slide(tmp_path, h=900, w=900, mpp=0.25)
+    pred = ThresholdPredictor(threshold_card(mpp=0.25, tile_size=256, overlap=64))
+    square = [[200, 200], [650, 200], [650, 600], [200, 600], [200, 200]]
+    opts = SegmentOptions(tissue=str(_region_file(tmp_path / "sq.geojson", [square])), stats=False, zarr=False,
+                          progress=False, on_oversize="drop")
+    s = segment_slide(path, pred, tmp_path / "sq", opts)
+    table = pd.read_parquet(tmp_path / "sq" / "synth.nuclei.parquet")
+    poly = Polygon(square)
+    assert len(table) == s["nuclei"] > 20 and s["outside_region"] > 0
+    assert all(poly.contains(Point(x, y)) for x, y in zip(table.centroid_x_px, table.centroid_y_px))
+    area_mm2 = 450 * 400 * (0.25 / 1000) ** 2
+    assert s["tissue_area_mm2"] == pytest.approx(area_mm2, rel=1e-4)
+    assert s["nuclei_per_mm2"] == pytest.approx(len(table) / area_mm2, rel=1e-3)
+    whole = segment_slide(path, pred, tmp_path / "whole", SegmentOptions(
+        tissue="whole", stats=False, zarr=False, progress=False, on_oversize="drop"))
+    inside = pd.read_parquet(tmp_path / "whole" / "synth.nuclei.parquet")
+    n_inside = sum(poly.contains(Point(x, y)) for x, y in zip(inside.centroid_x_px, inside.centroid_y_px))
+    assert abs(n_inside - len(table)) <= 2  # the same nuclei, up to masks differing between tile contexts
+
+    bowtie = [[200, 200], [650, 600], [650, 200], [200, 600], [200, 200]]
+    s = segment_slide(path, pred, tmp_path / "bow", SegmentOptions(
+        tissue=str(_region_file(tmp_path / "bow.geojson", [bowtie])), stats=False, zarr=False, progress=False,
+        on_oversize="drop"))
+    assert any("repaired" in w for w in s["warnings"])
+    assert s["tissue_area_mm2"] == pytest.approx(area_mm2 / 2, rel=1e-3)  # two triangles, not the square
+
+
+def test_region_outside_the_slide_is_an_error(tmp_path):
+    path, _, _ = _slide(tmp_path, h=600, w=600, mpp=0.25)
+    far = [[5000, 5000], [6000, 5000], [6000, 6000], [5000, 5000]]
+    proc = subprocess.run([sys.executable, "-m", "wsiseg.cli", "segment", str(path), "--model", "threshold",
+                           "--region", str(_region_file(tmp_path / "far.geojson", [far])), "--out",
+                           str(tmp_path / "o"), "--quiet"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "outside the slide" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "o").exists()

@@ -149,3 +149,41 @@ def test_slide_is_picklable(slides_dir):
     s = open_slide(slides_dir / "CMU-1-Small-Region.svs", mpp=0.5)
     s2 = pickle.loads(pickle.dumps(s))
     assert s2.mpp == 0.5 and s2.dimensions == s.dimensions
+
+
+def _damage_tile(path, index, how):
+    """Cut the JPEG data of tile ``index`` of level 0 short (zeros over its second half) in place."""
+    import tifffile
+
+    with tifffile.TiffFile(path) as tif:
+        page = tif.pages[0]
+        off, n = page.dataoffsets[index], page.databytecounts[index]
+    with open(path, "r+b") as f:
+        f.seek(off + n // 2)
+        f.write(b"\0" * (n - n // 2) if how == "zeros" else bytes(range(256)) * ((n - n // 2) // 256 + 1))
+
+
+@pytest.mark.parametrize("how", ["zeros"])
+def test_damaged_jpeg_tile_is_an_error_not_grey(tmp_path, how):
+    from conftest import synthetic_he, write_pyramid_tiff
+
+    img, _ = synthetic_he(1024, 1024, seed=2, n_nuclei=200)
+    path = write_pyramid_tiff(tmp_path / "s.tif", img, 0.25, levels=2, tile=256)
+    _damage_tile(path, 5, how)
+    for backend in ("auto", "tiffslide"):
+        s = open_slide(path, backend=backend)
+        s.read_region((0, 0), 0, (256, 256))  # an undamaged tile reads
+        with pytest.raises(SlideError, match="s.tif"):
+            s.read_region((256, 256), 0, (256, 256))
+
+
+def test_16bit_grey_png_is_read_not_white(tmp_path):
+    from PIL import Image
+
+    ramp = (np.arange(256 * 256, dtype=np.uint32).reshape(256, 256) % 65536).astype(np.uint16)
+    Image.fromarray(ramp).save(tmp_path / "g.png")
+    assert Image.open(tmp_path / "g.png").mode.startswith("I;16")
+    s = open_slide(tmp_path / "g.png", mpp=0.25)
+    rgb = s.read_region((0, 0), 0, (256, 256))
+    np.testing.assert_array_equal(rgb[..., 0], np.round(ramp / 257).astype(np.uint8))
+    assert rgb.min() == 0 and rgb.max() == 255

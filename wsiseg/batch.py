@@ -117,6 +117,22 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def output_checksums(folder: Path) -> dict[str, str]:
+    """sha256 of every file of a slide's output (relative paths), but its summary and marker, which hold
+    timings and times."""
+    return {str(p.relative_to(folder)): _sha256(p) for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name not in ("summary.json", MARKER)}
+
+
+def settings_fingerprint(model: str, options: dict) -> str:
+    """What a slide's result depends on: the model's bytes (or name) and every option that changes outputs."""
+    ignore = {"progress", "overwrite", "workers", "prefetch", "writer"}
+    model_id = _sha256(Path(model)) if Path(model).is_file() else str(model)
+    text = json.dumps({"model": model_id, **{k: v for k, v in sorted(options.items()) if k not in ignore}},
+                      sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 def process_slide(slide: str, out_dir: str, model: str, options: dict, device: str = "auto",
                   precision: str = "auto") -> dict:
     """Segment one slide; never raises for a bad slide, returns its manifest entry instead."""
@@ -142,8 +158,7 @@ def process_slide(slide: str, out_dir: str, model: str, options: dict, device: s
         entry.update(status=status, reason=None if status == "done" else "no tissue detected",
                      nuclei=summary["nuclei"], tiles=summary["tiles"], tissue_area_mm2=summary["tissue_area_mm2"],
                      nuclei_per_class=summary["nuclei_per_class"], timings_s=summary["timings_s"],
-                     checksums={p.name: _sha256(p) for p in sorted(Path(out_dir).iterdir())
-                                if p.is_file() and p.name not in ("summary.json", MARKER)})
+                     checksums=output_checksums(Path(out_dir)))
     entry["finished"] = time.time()
     entry["wall_s"] = round(entry["finished"] - t0, 3)
     return entry
@@ -154,22 +169,32 @@ def load_manifest(out: Path) -> dict:
     if not p.exists():
         return {"version": 1, "slides": {}}
     try:
-        return json.loads(p.read_text())
+        m = json.loads(p.read_text())
     except ValueError as exc:
-        raise ValueError(f"{p}: manifest is not valid JSON ({exc}); move it away to start the batch afresh") from exc
+        raise ValueError(f"{p}: manifest is not valid JSON ({exc}); move it away to start the batch afresh") from None
+    if not isinstance(m, dict) or not isinstance(m.get("slides"), dict) or not all(
+            isinstance(e, dict) for e in m["slides"].values()):
+        raise ValueError(f"{p}: not a wsiseg batch manifest (no 'slides' mapping); move it away to start afresh")
+    return m
 
 
 def save_manifest(out: Path, manifest: dict) -> None:
     write_text_atomic(out / MANIFEST, json.dumps(manifest, indent=2))
 
 
-def is_complete(entry: dict | None, out_dir: Path) -> bool:
-    """Done (or validly empty) in the manifest, and its outputs are all there with their checksums' names."""
+def is_complete(entry: dict | None, out_dir: Path, fingerprint: str | None = None) -> bool:
+    """Done (or validly empty) in the manifest with the same model and settings, and every output file is
+    there with the checksum it was written with, and no other."""
     if not entry or entry.get("status") not in ("done", "no_tissue"):
         return False
-    if not (out_dir / "summary.json").is_file():
+    if fingerprint is not None and entry.get("settings_sha256") != fingerprint:
         return False
-    return all((out_dir / name).is_file() for name in entry.get("checksums", {}))
+    if not (out_dir / "summary.json").is_file() or not (out_dir / MARKER).is_file():
+        return False
+    try:
+        return output_checksums(out_dir) == entry.get("checksums")
+    except OSError:
+        return False
 
 
 def run_batch(slides: Sequence[Path], out: str | os.PathLike, model: str, options: SegmentOptions | None = None,
@@ -187,16 +212,18 @@ def run_batch(slides: Sequence[Path], out: str | os.PathLike, model: str, option
     opts = asdict(options or SegmentOptions())
     manifest = load_manifest(out)
     names = output_names(list(slides))
+    fingerprint = settings_fingerprint(model, opts)
     todo = []
     for name, slide in names.items():
         entry = manifest["slides"].get(name)
-        if is_complete(entry, out / name) and entry["slide"] == str(slide):
+        if is_complete(entry, out / name, fingerprint) and entry["slide"] == str(slide):
             continue
         manifest["slides"][name] = {"slide": str(slide), "output": str(out / name), "status": "pending"}
         todo.append(name)
     save_manifest(out, manifest)
 
     def record(name: str, entry: dict) -> None:
+        entry["settings_sha256"] = fingerprint
         manifest["slides"][name] = entry
         save_manifest(out, manifest)
         if on_result is not None:
@@ -217,7 +244,12 @@ def _run_dask(todo, names, out, model, opts, workers, scheduler, device, precisi
     own = None
     if client is None:
         if scheduler:
-            client = own = Client(scheduler)
+            from .errors import SchedulerUnreachableError
+
+            try:
+                client = own = Client(scheduler, timeout="10s")
+            except (OSError, TimeoutError, ValueError) as exc:
+                raise SchedulerUnreachableError(f"Dask scheduler {scheduler}: cannot connect ({exc})") from None
         else:
             cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None)
             client = own = Client(cluster)

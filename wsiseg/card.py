@@ -79,8 +79,39 @@ class ModelCard:
         d["config"] = ModelConfig(**cfg)
         for k in ("mean", "std"):
             if k in d:
-                d[k] = tuple(d[k])
-        return cls(**d)
+                d[k] = tuple(float(v) for v in d[k])
+        card = cls(**d)
+        card.validate()
+        return card
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the first field outside its plausible range."""
+        import math
+
+        def number(name, v, lo, hi):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not lo <= v <= hi:
+                raise ValueError(f"{name} must be a number in [{lo}, {hi}], got {v!r}")
+
+        number("mpp", self.mpp, 0.01, 20)
+        number("score_threshold", self.score_threshold, 0, 1)
+        if not isinstance(self.tile_size, int) or not 32 <= self.tile_size <= 8192:
+            raise ValueError(f"tile_size must be a whole number of pixels in [32, 8192], got {self.tile_size!r}")
+        if not isinstance(self.overlap, int) or not 0 <= self.overlap < self.tile_size:
+            raise ValueError(f"overlap must be a whole number in [0, tile_size), got {self.overlap!r}")
+        if not self.classes or len({c.name for c in self.classes}) != len(self.classes):
+            raise ValueError("classes must name at least one class, each once")
+        for c in self.classes:
+            if not isinstance(c.name, str) or not c.name or len(c.color) != 3 or not all(
+                    isinstance(v, int) and 0 <= v <= 255 for v in c.color):
+                raise ValueError(f"class {c.name!r}: needs a name and an RGB colour of three integers 0-255")
+        if len(self.mean) != 3 or len(self.std) != 3:
+            raise ValueError("mean and std must have three values (R, G, B)")
+        for i in range(3):
+            number("mean", self.mean[i], -10, 10)
+            number("std", self.std[i], 1e-6, 10)
+        if self.config.num_classes != len(self.classes):
+            raise ValueError(f"config.num_classes ({self.config.num_classes}) differs from the {len(self.classes)} "
+                             "classes")
 
     @property
     def class_names(self) -> list[str]:

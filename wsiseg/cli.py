@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,9 +19,40 @@ DEFAULT_TILE = 512
 DEFAULT_OVERLAP = 64
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in one line, naming the option, with exit code 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _number(kind: type, lo: float, hi: float, low_open: bool = False):
+    """An argparse type: a finite ``kind`` in [lo, hi] (or (lo, hi])."""
+
+    def parse(text: str):
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a{'n integer' if kind is int else ' number'}") from None
+        if not math.isfinite(v) or v < lo or v > hi or (low_open and v == lo):
+            raise argparse.ArgumentTypeError(f"{text} is outside {'(' if low_open else '['}{lo:g}, {hi:g}]")
+        return v
+
+    return parse
+
+
+MPP = _number(float, 0.01, 20)
+TILE = _number(int, 32, 8192)
+OVERLAP = _number(int, 0, 4096)
+BATCH = _number(int, 1, 1024)
+WORKERS = _number(int, 1, 256)
+PROB = _number(float, 0, 1)
+CELL_UM = _number(float, 1, 100_000)
+
+
 def _add_slide_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("slide", help="slide file (SVS, TIFF, NDPI, MRXS, DICOM, PNG/JPEG with --mpp, ...)")
-    p.add_argument("--mpp", type=float, default=None, help="level-0 microns per pixel; overrides the file")
+    p.add_argument("--mpp", type=MPP, default=None, help="level-0 microns per pixel; overrides the file")
     p.add_argument("--backend", default="auto", choices=["auto", "openslide", "tiffslide", "image"])
     p.add_argument("--region", default=None, help="GeoJSON polygons (level-0 pixels) to analyse instead of detected tissue")
     p.add_argument("--whole-slide", action="store_true", help="analyse the whole slide, skipping tissue detection")
@@ -183,7 +215,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     names = None
     if args.split:
-        names = json.loads(Path(args.split).read_text())["val"]
+        try:
+            split = json.loads(Path(args.split).read_text())
+        except ValueError as exc:
+            raise ValueError(f"{args.split}: not a JSON split file ({exc})") from None
+        if not isinstance(split, dict) or not isinstance(split.get("val"), list):
+            raise ValueError(f"{args.split}: a split file needs a 'val' list of image names")
+        names = split["val"]
     elif args.names:
         names = args.names
     model = args.model or default_model_path()
@@ -212,14 +250,15 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="wsiseg", description="Nucleus segmentation for H&E whole-slide images")
+    parser = _Parser(prog="wsiseg", description="Nucleus segmentation for H&E whole-slide images")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("info", help="print a slide's properties and the planned tile grid")
     _add_slide_args(p)
-    p.add_argument("--model-mpp", type=float, default=DEFAULT_MODEL_MPP, help="model microns per pixel")
-    p.add_argument("--tile-size", type=int, default=DEFAULT_TILE)
-    p.add_argument("--overlap", type=int, default=DEFAULT_OVERLAP)
+    p.add_argument("--model-mpp", type=MPP, default=DEFAULT_MODEL_MPP, help="model microns per pixel")
+    p.add_argument("--tile-size", type=TILE, default=DEFAULT_TILE)
+    p.add_argument("--overlap", type=OVERLAP, default=DEFAULT_OVERLAP)
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_info)
 
@@ -227,14 +266,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_slide_args(p)
     p.add_argument("--model", default=None, help="model .safetensors (default: the bundled model), or 'threshold'")
     p.add_argument("--out", default=None, help="output folder (default: <slide>-wsiseg)")
-    p.add_argument("--tile-size", type=int, default=None, help="tile size in model pixels (default: model card)")
-    p.add_argument("--overlap", type=int, default=None, help="tile overlap in model pixels (default: model card)")
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--workers", type=int, default=2, help="tile reader threads")
-    p.add_argument("--prefetch", type=int, default=8, help="tiles read ahead of the model")
+    p.add_argument("--tile-size", type=TILE, default=None, help="tile size in model pixels (default: model card)")
+    p.add_argument("--overlap", type=OVERLAP, default=None, help="tile overlap in model pixels (default: model card)")
+    p.add_argument("--batch-size", type=BATCH, default=4)
+    p.add_argument("--workers", type=WORKERS, default=2, help="tile reader threads")
+    p.add_argument("--prefetch", type=WORKERS, default=8, help="tiles read ahead of the model")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
-    p.add_argument("--score-threshold", type=float, default=None)
+    p.add_argument("--score-threshold", type=PROB, default=None)
     p.add_argument("--on-oversize", default="error", choices=["error", "drop"],
                    help="what to do with a nucleus wider than the overlap allows")
     p.add_argument("--writer", default="process", choices=["process", "thread"],
@@ -245,23 +284,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--no-stats", action="store_true", help="skip the slide statistics and report")
-    p.add_argument("--density-cell-um", type=float, default=100.0, help="density map cell size in µm")
+    p.add_argument("--density-cell-um", type=CELL_UM, default=100.0, help="density map cell size in µm")
     p.set_defaults(func=cmd_segment)
 
     p = sub.add_parser("batch", help="segment many slides, resumably, on this machine or a Dask cluster")
     p.add_argument("slides", nargs="+", help="slide files, folders, glob patterns or .txt lists of paths")
     p.add_argument("--out", required=True, help="output folder: one subfolder per slide, manifest.json, cohort.csv")
     p.add_argument("--model", default=None, help="model .safetensors (default: the bundled model), or 'threshold'")
-    p.add_argument("--workers", type=int, default=1, help="parallel slide workers (a Dask LocalCluster when > 1)")
+    p.add_argument("--workers", type=WORKERS, default=1, help="parallel slide workers (a Dask LocalCluster when > 1)")
     p.add_argument("--scheduler", default=None, help="address of an existing Dask distributed scheduler")
-    p.add_argument("--mpp", type=float, default=None, help="level-0 microns per pixel for slides without one")
+    p.add_argument("--mpp", type=MPP, default=None, help="level-0 microns per pixel for slides without one")
     p.add_argument("--backend", default="auto", choices=["auto", "openslide", "tiffslide", "image"])
     p.add_argument("--region", default=None, help=argparse.SUPPRESS)
     p.add_argument("--whole-slide", action="store_true", help="analyse whole slides, skipping tissue detection")
-    p.add_argument("--tile-size", type=int, default=None)
-    p.add_argument("--overlap", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--read-workers", type=int, default=2, help="tile reader threads per slide")
+    p.add_argument("--tile-size", type=TILE, default=None)
+    p.add_argument("--overlap", type=OVERLAP, default=None)
+    p.add_argument("--batch-size", type=BATCH, default=4)
+    p.add_argument("--read-workers", type=WORKERS, default=2, help="tile reader threads per slide")
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     p.add_argument("--on-oversize", default="error", choices=["error", "drop"])
@@ -275,8 +314,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a nucleus Mask R-CNN from a YAML config")
     p.add_argument("config")
     p.add_argument("--out", default=None, help="run folder (default: the config's)")
-    p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--max-minutes", type=float, default=None,
+    p.add_argument("--steps", type=_number(int, 1, 10_000_000), default=None)
+    p.add_argument("--max-minutes", type=_number(float, 0, 1e6, low_open=True), default=None,
                    help="stop this sitting after this much training time (checkpointed; run again to resume)")
     p.add_argument("--init", default=None,
                    help="fine-tune: start from this model's weights ('default': the bundled model)")
@@ -287,32 +326,65 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="folder with images/, labels/, optional classes.csv")
     p.add_argument("--split", default=None, help="split.json of a training run: evaluate its validation images")
     p.add_argument("--names", nargs="*", default=None, help="image names to evaluate")
-    p.add_argument("--score-threshold", type=float, default=None,
+    p.add_argument("--score-threshold", type=PROB, default=None,
                    help="keep detections scoring at least this (default: the model card's)")
     p.add_argument("--out", default=None, help="write the metrics JSON here")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("stats", help="slide statistics and report of a segment output folder")
     p.add_argument("outdir", help="folder written by wsiseg segment")
-    p.add_argument("--density-cell-um", type=float, default=100.0, help="density map cell size in µm")
+    p.add_argument("--density-cell-um", type=CELL_UM, default=100.0, help="density map cell size in µm")
     p.set_defaults(func=cmd_stats)
     return parser
 
 
+EXIT_USAGE = 2  # bad input: a file, option, model or output path
+EXIT_FAILED = 1  # the run failed (a slide of a batch, the writer process)
+EXIT_RESOURCE = 3  # no space, read-only file system, permission denied
+EXIT_DEVICE = 4  # the requested accelerator is absent
+EXIT_SCHEDULER = 5  # the Dask scheduler cannot be reached
+EXIT_INTERNAL = 70  # a bug of wsiseg's: please report it with --debug's traceback
+
+
+def _exit_code(exc: BaseException) -> tuple[int, str]:
+    import errno
+
+    from .errors import DeviceUnavailableError, SchedulerUnreachableError
+
+    if isinstance(exc, (SlideError, ValueError, FileNotFoundError, FileExistsError, ModelLoadError,
+                        NucleusTooLargeError, NotADirectoryError, IsADirectoryError)):
+        return EXIT_USAGE, str(exc)
+    if isinstance(exc, WriterProcessError):
+        return EXIT_FAILED, str(exc)
+    if isinstance(exc, DeviceUnavailableError):
+        return EXIT_DEVICE, str(exc)
+    if isinstance(exc, SchedulerUnreachableError):
+        return EXIT_SCHEDULER, str(exc)
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM):
+        what = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
+                errno.EROFS: "read-only file system", errno.EACCES: "permission denied",
+                errno.EPERM: "operation not permitted"}[exc.errno]
+        return EXIT_RESOURCE, f"{exc.filename or ''}: {what}".lstrip(": ")
+    return EXIT_INTERNAL, f"internal error ({type(exc).__name__}: {exc}); run again with --debug for the traceback"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv  # accepted anywhere on the line
+    args = parser.parse_args([a for a in argv if a != "--debug"])
+    args.debug = debug
     try:
         return args.func(args)
-    except (SlideError, ValueError, FileNotFoundError, FileExistsError, ModelLoadError, NucleusTooLargeError) as exc:
-        print(f"wsiseg: error: {exc}", file=sys.stderr)
-        return 2
-    except WriterProcessError as exc:
-        print(f"wsiseg: error: {exc}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         print("wsiseg: interrupted; unfinished outputs were removed", file=sys.stderr)
         return 130
+    except Exception as exc:
+        if args.debug:
+            raise
+        code, message = _exit_code(exc)
+        print(f"wsiseg: error: {message}", file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import torch
 
 from .card import ModelCard
 from .detections import TileDetections, detections_from_raw
+from .errors import DeviceUnavailableError
 
 
 @dataclass(frozen=True)
@@ -39,9 +40,15 @@ def select_device(name: str = "auto", precision: str = "auto") -> DeviceConfig:
     """
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"unknown device {name!r} (auto, cpu, cuda, cuda:N)") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device {name!r} requested but CUDA is not available on this machine")
+        raise DeviceUnavailableError(f"device {name!r} requested but CUDA is not available on this machine")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise DeviceUnavailableError(f"device {name!r} requested but this machine has "
+                                     f"{torch.cuda.device_count()} CUDA device(s)")
     if device.type not in ("cpu", "cuda"):
         raise ValueError(f"unsupported device {name!r} (cpu, cuda, cuda:N)")
     dtypes = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}

@@ -6,6 +6,7 @@ import json
 import os
 import platform
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -114,8 +115,17 @@ def _run(slide_path: Path, predictor: Predictor, tmp_dir: Path, o: SegmentOption
                       score_threshold=predictor.score_threshold if raw_output else card.score_threshold,
                       mask_threshold=predictor.mask_threshold if raw_output else 0.5,
                       stats_run=stats_run if o.stats else None,
-                      stats_cell_um=o.density_cell_um)
+                      stats_cell_um=o.density_cell_um, region_wkb=sp.tissue.region_wkb)
     n_tiles = len(sp.grid)
+    warnings = list(sp.tissue.notes)
+    if tile_size != card.tile_size:
+        warnings.append(f"tile size {tile_size} px differs from the {card.tile_size} px the model was trained and "
+                        "validated with; accuracy may differ")
+    if not n_tiles and sp.tissue.source == "detected":
+        warnings.append("no tissue was detected; for a small crop or an image that is all tissue, analyse the "
+                        "whole image (--whole-slide)")
+    for w in warnings:
+        print(f"wsiseg: warning: {w}", file=sys.stderr)
     progress = None
     if o.progress:
         from tqdm import tqdm
@@ -182,6 +192,7 @@ def _run(slide_path: Path, predictor: Predictor, tmp_dir: Path, o: SegmentOption
         "classes": classes,
         "nuclei_per_mm2": round(n_nuclei / tissue_mm2, 2) if tissue_mm2 > 0 else None,
         "dropped_oversize": written["dropped_oversize"],
+        "outside_region": written.get("outside_region", 0),
         "writer": sink.kind,
         "writer_peak_rss_mb": written.get("writer_peak_rss_mb"),
         "timings_s": {k: round(v, 3) for k, v in timer.totals.items()},
@@ -193,4 +204,9 @@ def _run(slide_path: Path, predictor: Predictor, tmp_dir: Path, o: SegmentOption
         "platform": platform.platform(),
         "outputs": {k: Path(v).name for k, v in outputs.items()},
         "note": None if n_tiles else "no tissue found: outputs are empty",
+        "warnings": warnings,
+        "settings": {"score_threshold": spec.score_threshold, "mask_threshold": spec.mask_threshold,
+                     "nms_threshold": card.config.nms_thresh, "tile_size": tile_size, "overlap": overlap,
+                     "batch_size": o.batch_size, "mpp_override": o.mpp, "tissue": o.tissue,
+                     "on_oversize": o.on_oversize, "backend": o.backend},
     }

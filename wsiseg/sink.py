@@ -60,6 +60,7 @@ class WriterSpec:
     mask_threshold: float = 0.5
     stats_run: dict | None = None  # the run's description for the slide statistics; None: no statistics
     stats_cell_um: float = 100.0
+    region_wkb: bytes | None = None  # keep only nuclei whose centroid lies in these level-0 polygons
 
 
 class SlideWriter:
@@ -89,6 +90,25 @@ class SlideWriter:
             self.abort()
             raise
         self.stitcher = Stitcher(spec.grid, on_oversize=spec.on_oversize)
+        self.region = None
+        self.outside_region = 0
+        if spec.region_wkb is not None:
+            import shapely
+
+            self.region = shapely.from_wkb(spec.region_wkb)
+            shapely.prepare(self.region)
+
+    def _in_region(self, kept: list) -> list:
+        """The nuclei whose centroid (level-0 px) lies inside the user's region."""
+        if self.region is None or not kept:
+            return kept
+        import shapely
+
+        f = self.spec.geom.level0_per_model_px
+        xy = np.array([n.centroid for n in kept], np.float64) * f
+        inside = shapely.contains_xy(self.region, xy[:, 0], xy[:, 1])
+        self.outside_region += int((~inside).sum())
+        return [n for n, k in zip(kept, inside) if k]
 
     @property
     def nuclei(self) -> int:
@@ -100,7 +120,7 @@ class SlideWriter:
             dets = [detections_from_raw(d, pixels.shape[1:3], s.score_threshold, s.mask_threshold) for d in dets]
             t0 = self.timer.add("postprocess", t0)
         for tile, px, det in zip(tiles, pixels, dets):
-            kept = self.stitcher.add(tile, det)
+            kept = self._in_region(self.stitcher.add(tile, det))
             t0 = self.timer.add("stitch", t0)
             for n in kept:
                 rec = nucleus_record(n, s.geom, s.card, px, (tile.x, tile.y))
@@ -134,6 +154,7 @@ class SlideWriter:
             self.timer.add("stats", t0)
         return {"outputs": outputs, "per_class": self.per_class.tolist(),
                 "dropped_oversize": self.stitcher.dropped_oversize,
+                "outside_region": self.outside_region,
                 "timings_s": dict(self.timer.totals)}
 
     def abort(self) -> None:

@@ -386,6 +386,11 @@ class TiffSlideSlide(Slide):
             arr = np.full((page.tilelength, page.tilewidth, 3), 255, np.uint8)
         else:
             data = os.pread(self._fd, nbytes, page.dataoffsets[index])
+            if page.compression == 7:  # JPEG: libjpeg fills a truncated stream with grey instead of failing
+                end = data.rstrip(b"\0")
+                if not data.startswith(b"\xff\xd8") or not end.endswith(b"\xff\xd9"):
+                    raise ValueError(f"JPEG tile {index} of level {level} is damaged (its data is cut short or "
+                                     "overwritten)")
             arr = page.decode(data, index, jpegtables=page.jpegtables)[0]
             if arr is None:
                 raise ValueError(f"tile {index} of level {level} could not be decoded")
@@ -470,8 +475,14 @@ def _load_plain_image(path: str) -> np.ndarray:
         from PIL import Image
 
         with Image.open(path) as im:
-            im = im.convert("RGBA") if im.mode in ("RGBA", "LA", "P") else im.convert("RGB")
-            img = np.asarray(im)
+            if im.mode in ("I;16", "I;16B", "I;16L", "I;16N"):  # 16-bit grey: convert() would clip to white
+                img = (np.asarray(im).astype(np.float32) / 257.0).round().astype(np.uint8)
+            elif im.mode in ("I", "F"):
+                raise SlideError(f"{path}: {im.mode!r} images (32-bit integer or float pixels) are not H&E images; "
+                                 "convert the file to 8-bit RGB")
+            else:
+                im = im.convert("RGBA") if im.mode in ("RGBA", "LA", "P", "PA") else im.convert("RGB")
+                img = np.asarray(im)
     if img.ndim == 2:
         img = np.repeat(img[:, :, None], 3, axis=2)
     if img.ndim != 3 or img.shape[2] not in (3, 4):

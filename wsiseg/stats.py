@@ -291,7 +291,14 @@ def write_stats(out_dir: str | os.PathLike, cell_um: float = 100.0) -> dict:
     sp = out_dir / "summary.json"
     if not sp.is_file():
         raise FileNotFoundError(f"{out_dir}: not a wsiseg output folder (no summary.json)")
-    return write_run_stats(out_dir, json.loads(sp.read_text()), cell_um)
+    try:
+        run = json.loads(sp.read_text())
+    except ValueError as exc:
+        raise ValueError(f"{sp}: not valid JSON ({exc})") from None
+    need = ("wsiseg_version", "slide", "slide_dimensions", "slide_mpp", "model", "nuclei_per_class")
+    if not isinstance(run, dict) or any(k not in run for k in need):
+        raise ValueError(f"{sp}: not the summary of a wsiseg segment run (needs {', '.join(need)})")
+    return write_run_stats(out_dir, run, cell_um)
 
 
 def write_run_stats(out_dir: str | os.PathLike, run: dict, cell_um: float = 100.0) -> dict:

@@ -52,6 +52,10 @@ class ReadPlan:
         return (max(1, int(math.floor(level0_dimensions[0] / f))), max(1, int(math.floor(level0_dimensions[1] / f))))
 
 
+MAX_UPSAMPLE = 4.0  # a slide coarser than this many times the model's mpp shows no nuclei worth finding
+MAX_TILES = 2_000_000  # about 45 cm² of tissue at 0.25 µm/px in 256 px tiles: beyond any real slide
+
+
 def plan_resolution(
     slide_mpp: float,
     level_downsamples: Sequence[float],
@@ -64,8 +68,11 @@ def plan_resolution(
     ``tolerance``) is read and resampled; when even level 0 is coarser, level 0
     is upsampled. A level within ``tolerance`` of the model mpp is read as is.
     """
-    if not slide_mpp > 0 or not model_mpp > 0:
-        raise ValueError(f"mpp must be positive (slide {slide_mpp}, model {model_mpp})")
+    if not (math.isfinite(slide_mpp) and slide_mpp > 0 and math.isfinite(model_mpp) and model_mpp > 0):
+        raise ValueError(f"mpp must be a positive number (slide {slide_mpp}, model {model_mpp})")
+    if slide_mpp > MAX_UPSAMPLE * model_mpp:
+        raise ValueError(f"the slide's resolution ({slide_mpp:g} µm/px) is more than {MAX_UPSAMPLE:g}x coarser than "
+                         f"the model's ({model_mpp:g} µm/px): nuclei cannot be seen at it (is the mpp right?)")
     level = 0
     for i, ds in enumerate(level_downsamples):
         if slide_mpp * ds <= model_mpp * (1 + tolerance):
@@ -285,5 +292,10 @@ def plan_slide(
         tissue = detect_tissue(slide)
     width, height = plan.model_size(slide.dimensions)
     f = tissue.downsample / plan.level0_per_model_px
+    if width * height / max(1, tile_size - overlap) ** 2 > MAX_TILES * 4:
+        raise ValueError(f"{slide.path}: {width} x {height} px at the model's resolution is far larger than any "
+                         "slide (is the mpp right?)")
     grid = make_grid(width, height, tile_size, overlap, tissue=tissue, model_px_per_mask_px=f)
+    if len(grid) > MAX_TILES:
+        raise ValueError(f"{slide.path}: {len(grid)} tiles planned, more than {MAX_TILES} (is the mpp right?)")
     return SlidePlan(plan=plan, tissue=tissue, grid=grid)

@@ -19,12 +19,18 @@ class TissueMask:
     mask: np.ndarray
     downsample: float
     source: str = "detected"
+    region_wkb: bytes | None = None  # a user's region: its polygons in level-0 pixels (WKB), exact
+    notes: tuple[str, ...] = ()  # what was repaired or clipped in a user's region
 
     @property
     def shape(self) -> tuple[int, int]:
         return self.mask.shape
 
     def area_level0_px(self) -> float:
+        if self.region_wkb is not None:
+            from shapely import from_wkb
+
+            return float(from_wkb(self.region_wkb).area)
         return float(self.mask.sum()) * self.downsample**2
 
     def area_mm2(self, mpp: float) -> float:
@@ -143,7 +149,6 @@ def _geometries(obj: dict):
 def tissue_from_geojson(path: str | os.PathLike, slide: Slide, max_size: int = 2048) -> TissueMask:
     """Rasterize the polygons of a GeoJSON file (level-0 pixel coordinates) into a tissue mask."""
     import cv2
-    from shapely.geometry import shape
 
     path = str(path)
     try:
@@ -158,25 +163,50 @@ def tissue_from_geojson(path: str | os.PathLike, slide: Slide, max_size: int = 2
         raise SlideError(f"{path}: cannot read GeoJSON region: {exc}") from exc
     if isinstance(obj, list):
         obj = {"type": "FeatureCollection", "features": obj}
+    region, notes = _region_geometry(obj, path, slide.dimensions)
     w, h = slide.dimensions
     ds = max(1.0, max(w, h) / max_size)
     out = np.zeros((max(1, int(np.ceil(h / ds))), max(1, int(np.ceil(w / ds)))), dtype=np.uint8)
-    n = 0
+    for p in getattr(region, "geoms", [region]):
+        ext = np.round(np.asarray(p.exterior.coords)[:, :2] / ds - 0.5).astype(np.int32)
+        cv2.fillPoly(out, [ext], 1)
+        for ring in p.interiors:
+            hole = np.round(np.asarray(ring.coords)[:, :2] / ds - 0.5).astype(np.int32)
+            cv2.fillPoly(out, [hole], 0)
+    return TissueMask(mask=out.astype(bool), downsample=ds, source=f"region {os.path.basename(path)}",
+                      region_wkb=region.wkb, notes=tuple(notes))
+
+
+def _region_geometry(obj: dict, path: str, dimensions: tuple[int, int]):
+    """The union of a GeoJSON's polygons, invalid ones repaired, clipped to the slide; with notes of what
+    was changed. A region with no area on the slide is a ``SlideError``."""
+    from shapely import make_valid, unary_union
+    from shapely.geometry import MultiPolygon, Polygon, box, shape
+
+    polys, notes = [], []
     for g in _geometries(obj):
         try:
             geom = shape(g)
         except Exception as exc:
-            raise SlideError(f"{path}: invalid geometry: {exc}") from exc
-        polys = [geom] if geom.geom_type == "Polygon" else list(getattr(geom, "geoms", []))
-        for p in polys:
-            if p.geom_type != "Polygon" or p.is_empty:
-                continue
-            ext = np.round(np.asarray(p.exterior.coords)[:, :2] / ds - 0.5).astype(np.int32)
-            cv2.fillPoly(out, [ext], 1)
-            for ring in p.interiors:
-                hole = np.round(np.asarray(ring.coords)[:, :2] / ds - 0.5).astype(np.int32)
-                cv2.fillPoly(out, [hole], 0)
-            n += 1
-    if n == 0:
+            raise SlideError(f"{path}: invalid geometry: {exc}") from None
+        if geom.is_empty or geom.geom_type not in ("Polygon", "MultiPolygon"):
+            continue
+        if not geom.is_valid:
+            geom = make_valid(geom)
+            notes.append("a self-intersecting or otherwise invalid polygon was repaired (shapely make_valid)")
+        parts = [geom] if isinstance(geom, Polygon) else [q for q in getattr(geom, "geoms", [])
+                                                          if isinstance(q, (Polygon, MultiPolygon))]
+        polys += parts
+    if not polys:
         raise SlideError(f"{path}: GeoJSON region holds no polygon")
-    return TissueMask(mask=out.astype(bool), downsample=ds, source=f"region {os.path.basename(path)}")
+    region = unary_union(polys)
+    w, h = dimensions
+    inside = region.intersection(box(0, 0, w, h))
+    if inside.area <= 0:
+        raise SlideError(f"{path}: the region lies outside the slide ({w} x {h} level-0 px); GeoJSON regions are "
+                         "in level-0 pixels, as QuPath exports them")
+    if inside.area < region.area * 0.999:
+        notes.append(f"{100 * (1 - inside.area / region.area):.1f}% of the region lies outside the slide and is "
+                     "ignored")
+    inside = unary_union([q for q in getattr(inside, "geoms", [inside]) if isinstance(q, (Polygon, MultiPolygon))])
+    return inside, notes

@@ -149,11 +149,20 @@ class InstanceFolder:
                     if row["class"] in self.class_names:
                         table.setdefault(row["image"], {})[int(row["instance"])] = self.class_names.index(row["class"])
         files = {p.stem: p for p in (root / "images").iterdir() if p.suffix.lower() in {".png", ".jpg", ".jpeg", ".tif"}}
-        wanted = sorted(files) if names is None else names
+        wanted = sorted(files) if names is None else list(names)
+        unknown = [n for n in wanted if n not in files]
+        if unknown:
+            raise ValueError(f"{root / 'images'}: no image named {', '.join(unknown[:5])}"
+                             + (f" (and {len(unknown) - 5} more)" if len(unknown) > 5 else ""))
+        if not wanted:
+            raise ValueError(f"{root / 'images'}: holds no images (.png, .jpg, .tif)")
         self.samples = []
         for n in wanted:
-            img = np.asarray(Image.open(files[n]).convert("RGB"))
-            lab = np.asarray(Image.open(root / "labels" / f"{n}.png")).astype(np.int32)
+            try:
+                img = np.asarray(Image.open(files[n]).convert("RGB"))
+                lab = np.asarray(Image.open(root / "labels" / f"{n}.png")).astype(np.int32)
+            except (OSError, ValueError) as exc:
+                raise ValueError(f"{files[n]}: cannot read the image or its label map ({exc})") from None
             if lab.shape != img.shape[:2]:
                 raise ValueError(f"{root / 'labels' / n}.png: shape {lab.shape} differs from its image {img.shape[:2]}")
             if table or (root / "classes.csv").exists():
