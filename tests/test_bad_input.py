@@ -155,6 +155,71 @@ def _damaged_checkpoint(sb: Path) -> None:
         Image.fromarray(lab.astype(np.uint16)).save(sb / "data" / "labels" / f"{name}.png")
 
 
+def _slide_png(sb: Path) -> None:
+    _user_files(sb)
+
+
+def _bad_card(field_name: str, value):
+    def setup(sb: Path) -> None:
+        from safetensors.numpy import load_file, save_file
+
+        from wsiseg.card import default_model_path
+
+        _user_files(sb)
+        src = default_model_path()
+        from safetensors import safe_open
+
+        with safe_open(src, framework="numpy") as f:
+            card = json.loads(f.metadata()["wsiseg_card"])
+        card[field_name] = value
+        save_file(load_file(src), str(sb / "bad.safetensors"), metadata={"wsiseg_card": json.dumps(card)})
+
+    return setup
+
+
+def _batch_done(sb: Path) -> None:
+    _user_files(sb)
+    _png(sb / "in" / "a.png")
+    _run(["batch", f"{sb}/in", "--out", f"{sb}/out", *BATCH], sb)
+
+
+def _check_redone(sb: Path, proc) -> None:
+    assert "[done] a" in proc.stdout, proc.stdout  # redone, not skipped
+
+
+def _truncate_table(sb: Path) -> None:
+    _batch_done(sb)
+    t = sb / "out" / "a" / "a.nuclei.parquet"
+    t.write_bytes(t.read_bytes()[: t.stat().st_size // 2])
+
+
+def _bad_manifest(sb: Path) -> None:
+    _user_files(sb)
+    _png(sb / "in" / "a.png")
+    (sb / "out").mkdir()
+    (sb / "out" / "manifest.json").write_text('["not", "a", "manifest"]')
+
+
+def _eval_data(sb: Path, images: bool) -> None:
+    _user_files(sb)
+    (sb / "data" / "images").mkdir(parents=True)
+    (sb / "data" / "labels").mkdir()
+    if images:
+        from PIL import Image
+
+        img, lab = synthetic_he(128, 128, seed=1, n_nuclei=10)
+        Image.fromarray(img).save(sb / "data" / "images" / "a.png")
+        Image.fromarray(lab.astype(np.uint16)).save(sb / "data" / "labels" / "a.png")
+        (sb / "split.json").write_text('{"train": ["a"]}')
+
+
+def _foreign_summary(sb: Path) -> None:
+    _user_files(sb)
+    (sb / "out").mkdir()
+    (sb / "out" / "summary.json").write_text('{"accuracy": 0.9}')
+    (sb / "out" / "x.nuclei.csv").write_text("id\n1\n")
+
+
 SLIDE = ["--mpp", "0.25", "--whole-slide", "--model", "threshold", "--quiet", "--no-stats", "--no-zarr"]
 BATCH = ["--mpp", "0.25", "--whole-slide", "--model", "threshold", "--no-stats", "--no-zarr"]
 
@@ -176,6 +241,37 @@ CASES = [
          _out_is_file, stderr_has=["not a folder"]),
     Case("segment-out-is-symlink", ["segment", "{sb}/slides/keep.png", "--out", "{sb}/out", "--overwrite", *SLIDE], 2,
          _out_is_link, stderr_has=["symbolic link"]),
+    *[Case(f"option {' '.join(a)}", ["segment", "{sb}/slides/keep.png", "--out", "{sb}/out", *a,
+                                       *[x for x in SLIDE if x not in a[:1]]], 2, _slide_png, stderr_has=[a[0]],
+           check=_no_output)
+      for a in (["--mpp", "inf"], ["--mpp", "0"], ["--mpp", "1e6"], ["--score-threshold", "2"],
+                ["--score-threshold", "nan"], ["--tile-size", "0"], ["--batch-size", "0"], ["--batch-size", "-3"],
+                ["--density-cell-um", "0"], ["--workers", "0"])],
+    Case("mpp-too-coarse", ["segment", "{sb}/slides/keep.png", "--out", "{sb}/out", "--mpp", "8", "--whole-slide",
+                            "--model", "threshold", "--quiet"], 2, _slide_png, stderr_has=["coarser"],
+         check=_no_output),
+    Case("device-nonsense", ["segment", "{sb}/slides/keep.png", "--out", "{sb}/out", "--device", "nonsense",
+                             "--mpp", "0.25"], 2, _slide_png, stderr_has=["unknown device"], check=_no_output),
+    *[Case(f"card {k}={v!r}", ["segment", "{sb}/slides/keep.png", "--out", "{sb}/out", "--model", "{sb}/bad.safetensors",
+                               "--mpp", "0.25", "--quiet"], 2, _bad_card(k, v), stderr_has=["bad.safetensors", k],
+           check=_no_output)
+      for k, v in (("mpp", "abc"), ("classes", []), ("std", [0, 0, 0]), ("tile_size", 0))],
+    Case("batch-rerun-other-options", ["batch", "{sb}/in", "--out", "{sb}/out", *BATCH, "--tile-size", "192"], 0,
+         _batch_done, check=_check_redone, user_files_in_out=False),
+    Case("batch-rerun-truncated-table", ["batch", "{sb}/in", "--out", "{sb}/out", *BATCH], 0, _truncate_table,
+         check=_check_redone, user_files_in_out=False),
+    Case("batch-malformed-manifest", ["batch", "{sb}/in", "--out", "{sb}/out", *BATCH], 2, _bad_manifest,
+         stderr_has=["manifest.json"]),
+    Case("batch-unreachable-scheduler", ["batch", "{sb}/slides", "--out", "{sb}/out", *BATCH, "--scheduler",
+                                         "tcp://127.0.0.1:9"], 5, _slide_png, stderr_has=["scheduler"]),
+    Case("evaluate-no-images", ["evaluate", "--model", "threshold", "--data", "{sb}/data", "--out", "{sb}/m.json"], 2,
+         lambda sb: _eval_data(sb, False), out="m.json", stderr_has=["no images"]),
+    Case("evaluate-unknown-name", ["evaluate", "--model", "threshold", "--data", "{sb}/data", "--names", "zz"], 2,
+         lambda sb: _eval_data(sb, True), out=None, stderr_has=["zz"]),
+    Case("evaluate-split-without-val", ["evaluate", "--model", "threshold", "--data", "{sb}/data", "--split",
+                                        "{sb}/split.json"], 2, lambda sb: _eval_data(sb, True), out=None,
+         stderr_has=["'val'"]),
+    Case("stats-foreign-summary", ["stats", "{sb}/out"], 2, _foreign_summary, stderr_has=["not the summary"]),
     Case("train-damaged-checkpoint", ["train", "{sb}/cfg.yaml"], 2, _damaged_checkpoint, out="run",
          stderr_has=["last.pt", "damaged"]),
 ]

@@ -463,7 +463,21 @@ class ImageSlide(Slide):
         self._pixels = None
 
 
+def _available_memory() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 1 << 62
+
+
 def _load_plain_image(path: str) -> np.ndarray:
+    """A plain image decoded once into RGB(A) ``uint8``, with as few copies as its format allows."""
+    from PIL import Image
+
     suffix = Path(path).suffix.lower()
     if suffix in {".tif", ".tiff"}:
         import tifffile
@@ -472,23 +486,41 @@ def _load_plain_image(path: str) -> np.ndarray:
         if img.ndim == 3 and img.shape[0] in (3, 4) and img.shape[2] not in (3, 4):
             img = np.moveaxis(img, 0, -1)
     else:
-        from PIL import Image
-
+        Image.MAX_IMAGE_PIXELS = None  # the size is checked against the memory below, not Pillow's guess
         with Image.open(path) as im:
-            if im.mode in ("I;16", "I;16B", "I;16L", "I;16N"):  # 16-bit grey: convert() would clip to white
-                img = (np.asarray(im).astype(np.float32) / 257.0).round().astype(np.uint8)
-            elif im.mode in ("I", "F"):
-                raise SlideError(f"{path}: {im.mode!r} images (32-bit integer or float pixels) are not H&E images; "
+            w, h, mode, fmt = im.width, im.height, im.mode, im.format
+            need = w * h * 4
+            if need > _available_memory() // 2:
+                raise SlideError(f"{path}: a {w} x {h} plain image needs {need / 2**30:.1f} GiB decoded, more than half "
+                                 "of the free memory; convert it to a tiled pyramidal TIFF (for example "
+                                 "`vips tiffsave IN OUT.tif --tile --pyramid --compression jpeg`)")
+            if mode in ("I", "F"):
+                raise SlideError(f"{path}: {mode!r} images (32-bit integer or float pixels) are not H&E images; "
                                  "convert the file to 8-bit RGB")
-            else:
-                im = im.convert("RGBA") if im.mode in ("RGBA", "LA", "P", "PA") else im.convert("RGB")
+            img = None
+            if fmt in ("PNG", "JPEG") and mode in ("RGB", "RGBA", "L", "LA", "I;16", "I;16B"):
+                import imagecodecs
+
+                with open(path, "rb") as f:
+                    data = f.read()
+                img = imagecodecs.png_decode(data) if fmt == "PNG" else imagecodecs.jpeg8_decode(data)
+                del data
+            if img is None:
+                im = im.convert("RGBA") if mode in ("RGBA", "LA", "P", "PA") else im.convert("RGB")
                 img = np.asarray(im)
+    if img.dtype == np.uint16 and (img.ndim == 2 or img.shape[2] in (1, 3)):  # 16-bit: keep the top 8 bits' worth
+        img = (img.astype(np.float32) / 257.0).round().astype(np.uint8)
+    if img.ndim == 3 and img.shape[2] in (1, 2):  # grey, grey + alpha
+        grey = img[..., :1]
+        img = np.concatenate([grey, grey, grey] + ([img[..., 1:]] if img.shape[2] == 2 else []), axis=2)
     if img.ndim == 2:
         img = np.repeat(img[:, :, None], 3, axis=2)
     if img.ndim != 3 or img.shape[2] not in (3, 4):
         raise SlideError(f"{path}: expected an RGB image, got array of shape {img.shape}")
     if img.dtype != np.uint8:
-        img = composite_on_white(img) if img.dtype == np.uint16 else img
+        if img.dtype != np.uint16:
+            raise SlideError(f"{path}: {img.dtype} pixels are not supported; convert the file to 8-bit RGB")
+        img = composite_on_white(img)
     return np.ascontiguousarray(img)
 
 
