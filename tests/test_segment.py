@@ -187,7 +187,7 @@ def test_oversize_error_from_the_writer_leaves_no_output(tmp_path, writer):
     pred = ThresholdPredictor(threshold_card(mpp=0.5, tile_size=128, overlap=32))
     from wsiseg.stitching import NucleusTooLargeError
 
-    with pytest.raises(NucleusTooLargeError, match="--overlap"):
+    with pytest.raises(NucleusTooLargeError, match="larger overlap"):
         segment_slide(path, pred, tmp_path / "o", SegmentOptions(tissue="whole", progress=False, batch_size=1,
                                                                  writer=writer))
     assert not (tmp_path / "o").exists() and not (tmp_path / ".o.partial").exists()

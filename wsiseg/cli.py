@@ -351,6 +351,8 @@ def _exit_code(exc: BaseException) -> tuple[int, str]:
 
     from .errors import DeviceUnavailableError, SchedulerUnreachableError
 
+    if isinstance(exc, NucleusTooLargeError):
+        return EXIT_USAGE, f"{exc} [options: --overlap N, or --on-oversize drop]"
     if isinstance(exc, (SlideError, ValueError, FileNotFoundError, FileExistsError, ModelLoadError,
                         NucleusTooLargeError, NotADirectoryError, IsADirectoryError)):
         return EXIT_USAGE, str(exc)

@@ -99,8 +99,8 @@ def nucleus_record(n: Nucleus, geom: Geometry, card: ModelCard, pixels: np.ndarr
     """
     from .features import nucleus_features
 
-    rgb = None
-    if pixels is not None:
+    rgb = n.rgb if n.rgb is not None and n.rgb.shape[:2] == n.mask.shape else None
+    if rgb is None and pixels is not None:
         x0, y0 = n.box[0] - origin[0], n.box[1] - origin[1]
         rgb = pixels[y0 : y0 + n.mask.shape[0], x0 : x0 + n.mask.shape[1]]
         if rgb.shape[:2] != n.mask.shape:
@@ -438,9 +438,8 @@ class ZarrWriter:
                 if (r + dr, c + dc) in self._pos:
                     yield (r + dr, c + dc)
 
-    def add_tile(self, tile: Tile, pixels: np.ndarray, nuclei: list[Nucleus]) -> None:
-        """Record a processed tile: write its preview pixels, hold its nuclei, paint cores now complete."""
-        self._write_preview(tile, pixels)
+    def add_final(self, tile: Tile, nuclei: list[Nucleus]) -> None:
+        """A tile's final nuclei (disjoint from all others): hold them, paint the cores now complete."""
         rc = (tile.row, tile.col)
         self._nuclei[rc] = nuclei
         self._done.add(rc)
@@ -463,7 +462,7 @@ class ZarrWriter:
         d = self.d
         return (y0 // d, x0 // d, -(-y1 // d), -(-x1 // d))
 
-    def _write_preview(self, tile: Tile, pixels: np.ndarray) -> None:
+    def write_preview(self, tile: Tile, pixels: np.ndarray) -> None:
         import cv2
 
         rect = self._preview_rect(tile)

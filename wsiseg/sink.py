@@ -92,6 +92,7 @@ class SlideWriter:
         self.stitcher = Stitcher(spec.grid, on_oversize=spec.on_oversize)
         self.region = None
         self.outside_region = 0
+        self.next_id = 1
         if spec.region_wkb is not None:
             import shapely
 
@@ -120,21 +121,34 @@ class SlideWriter:
             dets = [detections_from_raw(d, pixels.shape[1:3], s.score_threshold, s.mask_threshold) for d in dets]
             t0 = self.timer.add("postprocess", t0)
         for tile, px, det in zip(tiles, pixels, dets):
-            kept = self._in_region(self.stitcher.add(tile, det))
+            final = self.stitcher.add(tile, det, px)
             t0 = self.timer.add("stitch", t0)
+            if self.zw is not None:
+                self.zw.write_preview(tile, px)
+            self._write(final)
+            t0 = self.timer.add("write", t0)
+
+    def _write(self, final: list) -> None:
+        """Stream the nuclei of tiles that became final to every writer."""
+        s = self.spec
+        for tile, nuclei in final:
+            kept = self._in_region(nuclei)
             for n in kept:
-                rec = nucleus_record(n, s.geom, s.card, px, (tile.x, tile.y))
+                n.id = self.next_id  # numbered after the region filter: ids run 1..N
+                self.next_id += 1
+                rec = nucleus_record(n, s.geom, s.card)
                 self.tw.write(rec)
                 if self.gj is not None:
                     self.gj.write(n, rec)
                 self.per_class[n.label] += 1
+                n.rgb = None
             if self.zw is not None:
-                self.zw.add_tile(tile, px, kept)
-            t0 = self.timer.add("write", t0)
+                self.zw.add_final(tile, kept)
 
     def close(self) -> dict:
         """Finish every output; returns their paths, the counts and the stage timings."""
         t0 = time.perf_counter()
+        self._write(self.stitcher.close())
         outputs = {}
         if self.zw is not None:
             outputs["zarr"] = str(self.zw.close())
@@ -154,6 +168,8 @@ class SlideWriter:
             self.timer.add("stats", t0)
         return {"outputs": outputs, "per_class": self.per_class.tolist(),
                 "dropped_oversize": self.stitcher.dropped_oversize,
+                "dropped_small": self.stitcher.dropped_small,
+                "seam_duplicates": self.stitcher.duplicates,
                 "outside_region": self.outside_region,
                 "timings_s": dict(self.timer.totals)}
 

@@ -1,18 +1,59 @@
-"""Keep every nucleus exactly once across tile seams.
+"""Keep every nucleus exactly once across tile seams, each pixel owned by one nucleus.
 
-The rule: a nucleus found in tile ``t`` is kept by ``t`` if and only if its
-mask centroid lies in ``t``'s core. Cores partition the image, so exactly one
-tile can keep any given centroid, and each tile decides alone, so the result
-does not depend on the order in which tiles are processed. The rule is exact
-when the tile that owns a nucleus sees all of it: true whenever the nucleus
-reaches less than ``overlap / 2`` from its centroid, since every core has
-that much halo. A kept nucleus that touches an interior edge of its tile is
-cut off and cannot be exact: that raises :class:`NucleusTooLargeError`.
+Neighbouring tiles see the nuclei of their overlap twice and, having different
+context, outline them slightly differently; a rule that assumes identical
+masks keeps some nuclei twice. The rule here does not.
+
+Definitions, for a detection ``d`` of tile ``t`` (model pixels of the slide):
+
+* ``d`` is **whole** when its mask does not touch an interior edge of ``t``'s
+  window (slide borders are not interior). Only whole detections take part.
+* ``d`` is **own** when its mask centroid lies in ``t``'s core. Cores
+  partition the image, so each point has exactly one owning tile.
+* ``depth(d)``: the distance from the centroid to the nearest interior window
+  edge of ``t`` (the context the model had around it).
+* ``key(d) = (own, depth, score, -tile index, -detection index)``: a strict
+  total order on all detections of a slide.
+* ``d`` and ``e`` **conflict** when their masks overlap with IoU > ``iou``.
+
+**Rule.** A whole detection is kept if and only if no whole detection that
+conflicts with it has a larger key. Each pixel covered by several kept
+nuclei belongs to the one with the largest key; a nucleus keeps the largest
+connected part of what remains, and is dropped if that is smaller than
+``min_area`` pixels.
+
+**Properties.**
+
+1. *Order independence.* The kept set and the pixels of each kept nucleus are
+   defined from the set of all detections and a total order that does not
+   mention processing order, so any order of tiles gives the same nuclei; ids
+   are given in tile index order.
+2. *Locality.* Two detections can overlap only if their tiles' windows do,
+   i.e. the tiles are neighbours (rows and columns differ by at most one, since
+   ``overlap <= tile_size / 2`` keeps tiles two apart disjoint). A tile's keep
+   decisions need its neighbours' detections; its final pixels need its
+   neighbours' decisions, i.e. the tiles within two rows and columns.
+3. *Once.* No two kept nuclei conflict: of a conflicting pair, the one with the
+   smaller key is not kept. In particular, two tiles that each see a nucleus
+   with its centroid in their own core keep it once.
+4. *Exact where masks agree.* If every tile that sees a nucleus whole
+   predicts the same mask, its owner's detection is own and the others are not,
+   so the owner's is kept: the rule reduces to "a nucleus belongs to the tile
+   whose core holds its centroid".
+5. *Nothing seen whole is lost to a seam.* A whole detection is dropped only
+   for a conflicting detection with a larger key; an own detection is never
+   dropped for one that is not own. A detection whose centroid lies in another
+   tile's core is kept when that tile has nothing conflicting with it.
+
+A nucleus that reaches further than ``overlap / 2`` from its centroid touches
+an interior edge of its owning tile, so no tile sees it whole: an own
+detection that touches an interior edge raises :class:`NucleusTooLargeError`
+(or is dropped and counted with ``on_oversize="drop"``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -35,6 +76,8 @@ class Nucleus:
     score: float
     centroid: tuple[float, float]  # x, y
     tile: int
+    rgb: np.ndarray | None = field(default=None, repr=False)  # the tile's pixels over ``box``
+    key: tuple = field(default=(), repr=False)
 
     @property
     def area(self) -> int:
@@ -47,59 +90,206 @@ def mask_centroid(mask: np.ndarray, x0: float, y0: float) -> tuple[float, float]
     return (x0 + float(xs.mean()) + 0.5, y0 + float(ys.mean()) + 0.5)
 
 
-class Stitcher:
-    """Turns per-tile detections into slide nuclei with ids 1, 2, ... in tile order."""
+def _overlap(a: Nucleus, b: Nucleus) -> tuple[np.ndarray, np.ndarray] | None:
+    """The two masks over the intersection of their boxes, or None when the boxes are disjoint."""
+    x0, y0 = max(a.box[0], b.box[0]), max(a.box[1], b.box[1])
+    x1, y1 = min(a.box[2], b.box[2]), min(a.box[3], b.box[3])
+    if x1 <= x0 or y1 <= y0:
+        return None
+    ma = a.mask[y0 - a.box[1] : y1 - a.box[1], x0 - a.box[0] : x1 - a.box[0]]
+    mb = b.mask[y0 - b.box[1] : y1 - b.box[1], x0 - b.box[0] : x1 - b.box[0]]
+    return ma, mb
 
-    def __init__(self, grid: TileGrid, on_oversize: str = "error"):
+
+def mask_iou(a: Nucleus, b: Nucleus) -> float:
+    ov = _overlap(a, b)
+    if ov is None:
+        return 0.0
+    inter = int((ov[0] & ov[1]).sum())
+    return inter / (a.area + b.area - inter) if inter else 0.0
+
+
+def _largest_part(mask: np.ndarray) -> np.ndarray:
+    import cv2
+
+    n, lab, st, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
+    if n <= 2:
+        return mask
+    return lab == 1 + int(np.argmax(st[1:, cv2.CC_STAT_AREA]))
+
+
+class Stitcher:
+    """Turns per-tile detections into slide nuclei, streaming: ``add`` each tile (in any order), then
+    ``close``; both return the nuclei that became final, numbered 1, 2, ... in tile index order."""
+
+    def __init__(self, grid: TileGrid, on_oversize: str = "error", iou: float = 0.3, min_area: int = 1):
         if on_oversize not in ("error", "drop"):
             raise ValueError("on_oversize must be 'error' or 'drop'")
+        if 2 * grid.overlap > grid.tile_size:
+            raise ValueError(f"overlap {grid.overlap} is more than half the tile size {grid.tile_size}: tiles two "
+                             "apart would overlap")
         self.grid = grid
         self.on_oversize = on_oversize
+        self.iou = iou
+        self.min_area = max(1, int(min_area))
         self.next_id = 1
         self.dropped_oversize = 0
+        self.dropped_small = 0
+        self.duplicates = 0  # whole detections dropped for a conflicting one with a larger key
+        self._pos = {(t.row, t.col): t for t in grid.tiles}
+        self._order = sorted(self._pos, key=lambda rc: self._pos[rc].index)
+        self._next = 0  # position in _order of the next tile to finalise
+        self._dets: dict[tuple[int, int], list[Nucleus]] = {}
+        self._kept: dict[tuple[int, int], list[Nucleus]] = {}
+        self._final: set[tuple[int, int]] = set()
+        self._arrived: set[tuple[int, int]] = set()
 
-    def select(self, tile: Tile, det: TileDetections) -> list[Nucleus]:
-        """The nuclei ``tile`` owns, without ids; pure function of (tile, detections)."""
+    def _near(self, rc: tuple[int, int], r: int = 1):
+        for dr in range(-r, r + 1):
+            for dc in range(-r, r + 1):
+                q = (rc[0] + dr, rc[1] + dc)
+                if q in self._pos:
+                    yield q
+
+    def whole_detections(self, tile: Tile, det: TileDetections, pixels: np.ndarray | None = None) -> list[Nucleus]:
+        """The whole detections of a tile with their keys, no ids; raises for an own one cut by an edge."""
         cx0, cy0, cx1, cy1 = tile.core
-        # interior window edges: a nucleus touching one of these is cut off
         W, H = self.grid.width, self.grid.height
-        left = tile.x > 0
-        top = tile.y > 0
-        right = tile.x + tile.size < W
-        bottom = tile.y + tile.size < H
+        left, top = tile.x > 0, tile.y > 0
+        right, bottom = tile.x + tile.size < W, tile.y + tile.size < H
         out = []
         for i in range(len(det)):
             bx0, by0, bx1, by1 = (int(v) for v in det.boxes[i])
             m = det.masks[i]
+            if tile.x + bx1 > W or tile.y + by1 > H:  # the window's padding beyond the image holds nothing
+                bx1, by1 = min(bx1, W - tile.x), min(by1, H - tile.y)
+                m = m[: max(0, by1 - by0), : max(0, bx1 - bx0)]
             if m.size == 0 or not m.any():
                 continue
             gx0, gy0 = tile.x + bx0, tile.y + by0
             cx, cy = mask_centroid(m, gx0, gy0)
-            if not (cx0 <= cx < cx1 and cy0 <= cy < cy1):
-                continue
-            cut = (left and bx0 <= 0) or (top and by0 <= 0) or (right and bx1 >= tile.size) or (bottom and by1 >= tile.size)
+            own = cx0 <= cx < cx1 and cy0 <= cy < cy1
+            cut = (left and bx0 <= 0) or (top and by0 <= 0) or (right and bx1 >= tile.size) or (
+                bottom and by1 >= tile.size)
             if cut:
-                if self.on_oversize == "error":
-                    raise NucleusTooLargeError(
-                        f"a nucleus of {bx1 - bx0}x{by1 - by0} px centred at model pixel ({cx:.0f}, {cy:.0f}) "
-                        f"reaches the edge of tile {tile.index}: it extends more than overlap/2 = {self.grid.halo} px "
-                        f"from its centre, so it cannot be stitched exactly. Increase --overlap (now "
-                        f"{self.grid.overlap}) to at least twice the largest nucleus radius, or pass "
-                        f"--on-oversize drop to discard such objects."
-                    )
-                self.dropped_oversize += 1
+                if own:
+                    self._oversize(tile, bx1 - bx0, by1 - by0, cx, cy)
                 continue
+            if int(m.sum()) < self.min_area:
+                self.dropped_small += own
+                continue
+            edges = [d for d, interior in ((cx - tile.x, left), (cy - tile.y, top),
+                                           (tile.x + tile.size - cx, right), (tile.y + tile.size - cy, bottom))
+                     if interior]
+            depth = round(min(edges), 3) if edges else float(tile.size)
+            rgb = None
+            if pixels is not None:
+                rgb = pixels[by0:by1, bx0:bx1].copy()
             out.append(Nucleus(0, (gx0, gy0, tile.x + bx1, tile.y + by1), m, int(det.labels[i]),
-                               float(det.scores[i]), (cx, cy), tile.index))
+                               float(det.scores[i]), (cx, cy), tile.index, rgb,
+                               (own, depth, float(det.scores[i]), -tile.index, -i)))
         return out
 
-    def add(self, tile: Tile, det: TileDetections) -> list[Nucleus]:
-        """Kept nuclei of ``tile``, numbered."""
-        kept = self.select(tile, det)
-        for n in kept:
+    def _oversize(self, tile: Tile, w: int, h: int, cx: float, cy: float) -> None:
+        if self.on_oversize == "error":
+            raise NucleusTooLargeError(
+                f"a nucleus of {w}x{h} px centred at model pixel ({cx:.0f}, {cy:.0f}) reaches the edge of tile "
+                f"{tile.index}: it extends more than overlap/2 = {self.grid.halo} px from its centre, so it cannot "
+                f"be stitched exactly. Use a larger overlap (now {self.grid.overlap}) of at least twice the largest "
+                "nucleus radius, or drop such objects (on_oversize='drop').")
+        self.dropped_oversize += 1
+
+    def add(self, tile: Tile, det: TileDetections,
+            pixels: np.ndarray | None = None) -> list[tuple[Tile, list[Nucleus]]]:
+        """Take one tile's detections (and its pixels, for the nuclei's colour); returns the tiles now final,
+        in index order, each with its nuclei."""
+        rc = (tile.row, tile.col)
+        if rc in self._arrived:
+            raise ValueError(f"tile {tile.index} was added twice")
+        self._dets[rc] = self.whole_detections(tile, det, pixels)
+        self._arrived.add(rc)
+        return self._advance()
+
+    def close(self) -> list[tuple[Tile, list[Nucleus]]]:
+        """The remaining tiles with their nuclei; every tile of the grid must have been added."""
+        missing = [self._pos[rc].index for rc in self._order if rc not in self._arrived]
+        if missing:
+            raise ValueError(f"tiles {missing[:5]} were never added")
+        return self._advance()
+
+    def _decide(self, rc: tuple[int, int]) -> None:
+        """Which whole detections of tile ``rc`` are kept (needs its neighbours' detections)."""
+        rivals = [e for q in self._near(rc) for e in self._dets[q]]
+        kept = []
+        for d in self._dets[rc]:
+            if any(e.key > d.key and mask_iou(d, e) > self.iou for e in rivals):
+                self.duplicates += 1
+            else:
+                kept.append(d)
+        self._kept[rc] = kept
+
+    def _finalise(self, rc: tuple[int, int]) -> list[Nucleus]:
+        """Tile ``rc``'s kept nuclei with the pixels no larger-key kept nucleus claims (needs its neighbours'
+        decisions), numbered."""
+        rivals = [e for q in self._near(rc) for e in self._kept[q]]
+        out = []
+        for d in self._kept[rc]:
+            mask = d.mask
+            for e in rivals:
+                if e.key > d.key:
+                    ov = _overlap(d, e)
+                    if ov is not None and (ov[0] & ov[1]).any():
+                        if mask is d.mask:
+                            mask = d.mask.copy()
+                        x0, y0 = max(d.box[0], e.box[0]), max(d.box[1], e.box[1])
+                        sub = mask[y0 - d.box[1] : y0 - d.box[1] + ov[1].shape[0],
+                                   x0 - d.box[0] : x0 - d.box[0] + ov[1].shape[1]]
+                        sub &= ~ov[1]
+            if mask is not d.mask:
+                mask = _largest_part(mask)
+                if int(mask.sum()) < self.min_area:
+                    self.dropped_small += 1
+                    continue
+                ys, xs = np.nonzero(mask)
+                y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
+                bx, by = d.box[0], d.box[1]
+                rgb = d.rgb[y0:y1, x0:x1] if d.rgb is not None else None
+                d = Nucleus(0, (bx + int(x0), by + int(y0), bx + int(x1), by + int(y1)), mask[y0:y1, x0:x1],
+                            d.label, d.score, mask_centroid(mask[y0:y1, x0:x1], bx + x0, by + y0), d.tile, rgb,
+                            d.key)
+            out.append(d)
+        for n in out:
             n.id = self.next_id
             self.next_id += 1
-        return kept
+        return out
+
+    def _advance(self) -> list[tuple[Tile, list[Nucleus]]]:
+        """Finalise tiles in index order while their neighbourhood (two tiles around) has arrived."""
+        out = []
+        while self._next < len(self._order):
+            rc = self._order[self._next]
+            if not all(q in self._arrived for q in self._near(rc, 2)):
+                break
+            for q in self._near(rc, 1):
+                if q not in self._kept:
+                    self._decide(q)
+            out.append((self._pos[rc], self._finalise(rc)))
+            self._next += 1
+            self._final.add(rc)
+            self._release(rc)
+        return out
+
+    def _release(self, rc: tuple[int, int]) -> None:
+        """Forget tiles near ``rc`` that are no longer needed: every tile within two of them is final."""
+        for q in list(self._near(rc, 2)):
+            if q in self._dets and all(p in self._final for p in self._near(q, 2)):
+                del self._dets[q]
+                self._kept.pop(q, None)
+
+    @property
+    def held(self) -> int:
+        """Detections held in memory now."""
+        return sum(len(v) for v in self._dets.values())
 
 
 def segment_array(image: np.ndarray, predictor, tile_size: int, overlap: int, batch_size: int = 4,
@@ -122,11 +312,11 @@ def segment_array(image: np.ndarray, predictor, tile_size: int, overlap: int, ba
             sub = image[t.y : t.y + tile_size, t.x : t.x + tile_size]
             px[k, : sub.shape[0], : sub.shape[1]] = sub
         for t, det in zip(batch, predictor.predict(px)):
-            nuclei.extend(st.add(t, det))
+            nuclei.extend(n for _, ns in st.add(t, det) for n in ns)
+    nuclei.extend(n for _, ns in st.close() for n in ns)
     labels = np.zeros((h, w), np.int32)
-    for n in sorted(nuclei, key=lambda n: -n.score):
+    for n in nuclei:  # disjoint masks: the order does not matter
         x0, y0, x1, y1 = n.box
         view = labels[y0:min(y1, h), x0:min(x1, w)]
-        m = n.mask[: view.shape[0], : view.shape[1]] & (view == 0)
-        view[m] = n.id
+        view[n.mask[: view.shape[0], : view.shape[1]]] = n.id
     return labels, {n.id: n.label for n in nuclei}, {n.id: n.score for n in nuclei}
