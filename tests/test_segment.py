@@ -38,6 +38,10 @@ def check_outputs(out, stem, card_classes, level0_per_model_px, model_mpp, compa
     assert len(table) == summary["nuclei"]
     assert table["id"].is_unique and set(table["id"]) == set(range(1, len(table) + 1))
 
+    import geopandas as gpd
+
+    gdf = gpd.read_file(f"/vsigzip/{out / f'{stem}.geojson.gz'}")  # as GIS tools read it (GDAL)
+    assert len(gdf) == len(table) and gdf.geometry.is_valid.all() and set(gdf["id"]) == set(table["uuid"])
     gj = _read_geojson(out / f"{stem}.geojson.gz")
     assert gj["type"] == "FeatureCollection"
     feats = gj["features"]
@@ -65,6 +69,14 @@ def check_outputs(out, stem, card_classes, level0_per_model_px, model_mpp, compa
             assert abs(poly.centroid.y - row["centroid_y_px"]) < 1.5 * level0_per_model_px
 
     root = zarr.open_group(str(out / f"{stem}.ome.zarr"), mode="r")
+    from ome_zarr_models.v05 import Image
+    from ome_zarr_models.v05.image_label import ImageLabel
+
+    Image.from_zarr(root)  # validates as OME-Zarr 0.5, labels included
+    for name in ("nuclei", "classes"):
+        ImageLabel.from_zarr(root["labels"][name])
+    colors = root["labels/classes"].attrs["ome"]["image-label"]["colors"]
+    assert [c["label-value"] for c in colors] == list(range(1, len(card_classes) + 1))
     ome = root.attrs["ome"]
     assert ome["version"] == "0.5"
     assert root["labels"].attrs["ome"]["labels"] == ["nuclei", "classes"]
@@ -76,12 +88,21 @@ def check_outputs(out, stem, card_classes, level0_per_model_px, model_mpp, compa
     labels = root["labels/nuclei/0"][0]
     assert labels.dtype == np.uint32
     ids, counts = np.unique(labels[labels > 0], return_counts=True)
-    assert set(ids) <= set(table["id"])
-    assert len(ids) >= 0.99 * len(table)  # a nucleus may lose all pixels only to a higher-scoring overlap
+    assert set(ids) == set(table["id"])  # every nucleus of the table is in the label image
     area_px = dict(zip(ids, counts))
     areas = table.set_index("id")["area_um2"] / model_mpp**2
-    diffs = [abs(area_px[i] - areas[i]) / areas[i] for i in ids]
-    assert np.median(diffs) < 0.01
+    for i in ids:  # the same pixels: the label image's area is the table's
+        assert abs(area_px[i] - areas[i]) <= 0.01, (i, area_px[i], areas[i])
+    # and the same place: the label image's centroid is the table's
+    ys, xs = np.nonzero(labels)
+    sums = np.zeros((3, labels.max() + 1))
+    np.add.at(sums, (0, labels[ys, xs]), 1)
+    np.add.at(sums, (1, labels[ys, xs]), xs + 0.5)
+    np.add.at(sums, (2, labels[ys, xs]), ys + 0.5)
+    by_id = table.set_index("id")
+    for i in ids:
+        cx, cy = sums[1, i] / sums[0, i] * level0_per_model_px, sums[2, i] / sums[0, i] * level0_per_model_px
+        assert abs(cx - by_id.loc[i, "centroid_x_px"]) < 0.02 and abs(cy - by_id.loc[i, "centroid_y_px"]) < 0.02
     classes = root["labels/classes/0"][0]
     assert ((classes > 0) == (labels > 0)).all()
     assert root["labels/classes"].attrs["ome"]["image-label"]["properties"][0]["class"] == card_classes[0]
@@ -438,9 +459,10 @@ def test_region_keeps_exactly_the_nuclei_inside_it(tmp_path):
     path, _, _ = _slide(tmp_path, h=900, w=900, mpp=0.25)
     pred = ThresholdPredictor(threshold_card(mpp=0.25, tile_size=256, overlap=64))
     square = [[200, 200], [650, 200], [650, 600], [200, 600], [200, 200]]
-    opts = SegmentOptions(tissue=str(_region_file(tmp_path / "sq.geojson", [square])), stats=False, zarr=False,
+    opts = SegmentOptions(tissue=str(_region_file(tmp_path / "sq.geojson", [square])), stats=False,
                           progress=False, on_oversize="drop")
     s = segment_slide(path, pred, tmp_path / "sq", opts)
+    check_outputs(tmp_path / "sq", "synth", ["nucleus"], 1.0, 0.25)
     table = pd.read_parquet(tmp_path / "sq" / "synth.nuclei.parquet")
     poly = Polygon(square)
     assert len(table) == s["nuclei"] > 20 and s["outside_region"] > 0
@@ -460,6 +482,22 @@ def test_region_keeps_exactly_the_nuclei_inside_it(tmp_path):
         on_oversize="drop"))
     assert any("repaired" in w for w in s["warnings"])
     assert s["tissue_area_mm2"] == pytest.approx(area_mm2 / 2, rel=1e-3)  # two triangles, not the square
+
+
+def test_nuclei_reaching_into_tissue_free_cores_are_painted(tmp_path):
+    """A region of one tile's core: its nuclei reach into the cores of tiles without tissue, and the label
+    image still holds every pixel of every nucleus of the table."""
+    img, _ = synthetic_he(900, 900, seed=11, n_nuclei=900, radius=(6, 9))
+    path = write_pyramid_tiff(tmp_path / "synth.tif", img, 0.25, levels=1, compression="zlib")
+    pred = ThresholdPredictor(threshold_card(mpp=0.25, tile_size=256, overlap=64))
+    core = [[224, 224], [416, 224], [416, 416], [224, 416], [224, 224]]  # the core of tile (1, 1)
+    s = segment_slide(path, pred, tmp_path / "o", SegmentOptions(
+        tissue=str(_region_file(tmp_path / "core.geojson", [core])), stats=False, progress=False,
+        on_oversize="drop"))
+    assert s["tiles"] < s["grid"][0] * s["grid"][1]
+    _, table, _ = check_outputs(tmp_path / "o", "synth", ["nucleus"], 1.0, 0.25)
+    beyond = (table.bbox_x0_px < 224) | (table.bbox_y0_px < 224) | (table.bbox_x1_px > 416) | (table.bbox_y1_px > 416)
+    assert beyond.sum() >= 3
 
 
 def test_region_outside_the_slide_is_an_error(tmp_path):

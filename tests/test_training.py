@@ -27,12 +27,41 @@ def test_unknown_class_adds_nothing_to_class_loss():
     known = torch.tensor([1.0, 1, 0, 1, 1, 1])  # proposal 2 matched a nucleus of unknown class
     cls, _ = partial_fastrcnn_loss(logits, box, [labels], [targets], [known])
     (g,) = torch.autograd.grad(cls, logits)
-    assert torch.equal(g[2], torch.zeros_like(g[2]))  # exactly zero
-    # the others get the gradient they would get if that proposal did not exist
+    p = torch.softmax(logits.detach(), -1)
+    # the unknown one trains "nucleus, not background" only: its foreground logits all move in proportion to
+    # their probabilities, so the ratios between the classes (which class it is) do not change
+    ratio = g[2, 1:] / p[2, 1:]
+    torch.testing.assert_close(ratio, ratio[:1].expand_as(ratio))
+    assert g[2, 0] > 0 and ratio[0] < 0  # background pushed down, foreground as a whole up
+    # exactly -log P(foreground), averaged over the proposals
+    ref = logits.detach().clone().requires_grad_(True)
+    fg = torch.logsumexp(ref[2, 1:], 0) - torch.logsumexp(ref[2], 0)
+    (g_ref,) = torch.autograd.grad(-fg / len(labels), ref)
+    torch.testing.assert_close(g[2], g_ref[2])
+    # the others get the usual cross-entropy gradient
     keep = known.bool()
-    ref_logits = logits.detach().clone().requires_grad_(True)
-    (g_ref,) = torch.autograd.grad(F.cross_entropy(ref_logits[keep], labels[keep]), ref_logits)
+    ref = logits.detach().clone().requires_grad_(True)
+    (g_ref,) = torch.autograd.grad(F.cross_entropy(ref, labels, reduction="sum") / len(labels), ref)
     torch.testing.assert_close(g[keep], g_ref[keep])
+
+
+def test_one_class_model_scores_as_torchvision_does():
+    """With one class, nucleus_detections is torchvision's post-processing."""
+    from helpers_model import tiny_config
+    from torchvision.models.detection.roi_heads import RoIHeads
+
+    from wsiseg.model import build_model
+
+    model = build_model(tiny_config(tile_size=128, num_classes=1)).eval()
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(50, 2, generator=g) * 3
+    reg = torch.randn(50, 8, generator=g)
+    props = [torch.rand(50, 2, generator=g) * 100]
+    props = [torch.cat([props[0], props[0] + 5 + torch.rand(50, 2, generator=g) * 20], 1)]
+    ours = model.roi_heads.postprocess_detections(logits, reg, props, [(128, 128)])
+    theirs = RoIHeads.postprocess_detections(model.roi_heads, logits, reg, props, [(128, 128)])
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a[0], b[0])
 
 
 def test_unknown_class_still_trains_boxes_of_every_class():
@@ -214,7 +243,7 @@ def test_evaluate_cli(tmp_path, data_dir):
     # a threshold above any score keeps nothing: every nucleus is missed
     proc = subprocess.run([sys.executable, "-m", "wsiseg.cli", "evaluate", "--model", str(tmp_path / "run" / "best.safetensors"),
                            "--data", str(data_dir / "consep-train"), "--split", str(tmp_path / "run" / "split.json"),
-                           "--score-threshold", "1.01", "--out", str(out)], capture_output=True, text=True, timeout=300)
+                           "--score-threshold", "1", "--out", str(out)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     none = json.loads(out.read_text())
     assert none["tp"] == 0 and none["fp"] == 0 and none["fn"] == m["tp"] + m["fn"]

@@ -7,6 +7,7 @@ from functools import partial
 from pathlib import Path
 
 from torch import nn
+from torchvision.models.detection.roi_heads import RoIHeads
 
 from .card import (
     DEFAULT_COLORS,
@@ -90,6 +91,46 @@ def _narrow_resnet(block, layers, width, norm) -> nn.Module:
     return net
 
 
+def nucleus_detections(roi_heads, class_logits, box_regression, proposals, image_shapes):
+    """One detection per proposal: scored by how likely it is a nucleus of any class (1 - P(background)),
+    labelled with its most likely class, boxed by that class's regression; then class-agnostic NMS.
+
+    Nuclei do not overlap, so a proposal is never two nuclei; splitting its probability between classes
+    (torchvision's per-class scoring) would drop nuclei whose class is uncertain. With one class this is
+    torchvision's own post-processing.
+    """
+    import torch
+    import torch.nn.functional as F
+    from torchvision.ops import boxes as box_ops
+
+    per_image = [b.shape[0] for b in proposals]
+    pred_boxes = roi_heads.box_coder.decode(box_regression, proposals)
+    probs = F.softmax(class_logits.float(), -1)
+    scores = 1.0 - probs[:, 0]
+    labels = 1 + probs[:, 1:].argmax(dim=1)
+    boxes = pred_boxes[torch.arange(len(labels), device=labels.device), labels]
+    out_boxes, out_scores, out_labels = [], [], []
+    for b, s, lab, shape in zip(boxes.split(per_image), scores.split(per_image), labels.split(per_image),
+                                image_shapes):
+        b = box_ops.clip_boxes_to_image(b, shape)
+        keep = torch.where(s > roi_heads.score_thresh)[0]
+        b, s, lab = b[keep], s[keep], lab[keep]
+        keep = box_ops.remove_small_boxes(b, min_size=1e-2)
+        b, s, lab = b[keep], s[keep], lab[keep]
+        keep = box_ops.nms(b, s, roi_heads.nms_thresh)[: roi_heads.detections_per_img]
+        out_boxes.append(b[keep])
+        out_scores.append(s[keep])
+        out_labels.append(lab[keep])
+    return out_boxes, out_scores, out_labels
+
+
+class NucleusRoIHeads(RoIHeads):
+    """torchvision's ROI heads with :func:`nucleus_detections` as their post-processing."""
+
+    def postprocess_detections(self, class_logits, box_regression, proposals, image_shapes):
+        return nucleus_detections(self, class_logits, box_regression, proposals, image_shapes)
+
+
 def build_model(cfg: ModelConfig, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)) -> nn.Module:
     """torchvision Mask R-CNN for ``cfg.num_classes`` nucleus classes plus background."""
     from torchvision.models.detection import MaskRCNN
@@ -130,6 +171,7 @@ def build_model(cfg: ModelConfig, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224,
     )
     # Tiles arrive at the model's resolution: never rescale them.
     model.transform.fixed_size = (cfg.tile_size, cfg.tile_size)
+    model.roi_heads.__class__ = NucleusRoIHeads
     return model
 
 

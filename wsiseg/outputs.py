@@ -407,8 +407,8 @@ class ZarrWriter:
         self.root = zarr.open_group(str(self.tmp), mode="w", zarr_format=3)
         comp = BloscCodec(cname="zstd", clevel=5, shuffle="bitshuffle")
         ih, iw = math.ceil(H / self.d), math.ceil(W / self.d)
-        self.image_levels = _n_levels(ih, iw)
-        self.label_levels = _n_levels(H, W)
+        # OME-Zarr 0.5: an image's labels have as many multiscale levels as the image
+        self.label_levels = self.image_levels = _n_levels(H, W)
         self.images = [self.root.create_array(
             str(i), shape=(3, max(1, ih >> i), max(1, iw >> i)), chunks=(3, self.preview_chunk, self.preview_chunk),
             dtype="uint8", fill_value=255, compressors=comp, dimension_names=("c", "y", "x")) for i in range(self.image_levels)]
@@ -422,7 +422,12 @@ class ZarrWriter:
             str(i), shape=(1, max(1, H >> i), max(1, W >> i)), chunks=(1, chunk, chunk), dtype="uint8",
             fill_value=0, compressors=comp, dimension_names=("c", "y", "x")) for i in range(self.label_levels)]
         self._pos = {(t.row, t.col): t for t in grid.tiles}
-        cores = [(t.core[1], t.core[0], t.core[3], t.core[2]) for t in grid.tiles]
+        # cells whose core is painted: every tile's, and the tissue-free cores beside them, which the nuclei
+        # of a tile may reach
+        rows, cols = grid.shape
+        self._cells = {(r + dr, c + dc) for r, c in self._pos for dr in (-1, 0, 1) for dc in (-1, 0, 1)
+                       if 0 <= r + dr < rows and 0 <= c + dc < cols}
+        cores = [self._core(rc) for rc in sorted(self._cells)]
         self._ids_out = ChunkBuffer(self.nuclei[0], cores)
         self._cls_out = ChunkBuffer(self.classes[0], cores)
         self._preview_out = ChunkBuffer(self.images[0], [self._preview_rect(t) for t in grid.tiles])
@@ -431,11 +436,16 @@ class ZarrWriter:
         self._nuclei: dict[tuple[int, int], list[Nucleus]] = {}
         self.max_held = 0
 
-    def _neighbours(self, rc: tuple[int, int]):
+    def _core(self, rc: tuple[int, int]) -> tuple[int, int, int, int]:
+        """(y0, x0, y1, x1) of a cell's core."""
+        xb, yb = self.grid.x_bounds, self.grid.y_bounds
+        return (yb[rc[0]], xb[rc[1]], yb[rc[0] + 1], xb[rc[1] + 1])
+
+    def _around(self, rc: tuple[int, int], within: set | dict):
         r, c = rc
         for dr in (-1, 0, 1):
             for dc in (-1, 0, 1):
-                if (r + dr, c + dc) in self._pos:
+                if (r + dr, c + dc) in within:
                     yield (r + dr, c + dc)
 
     def add_final(self, tile: Tile, nuclei: list[Nucleus]) -> None:
@@ -444,15 +454,15 @@ class ZarrWriter:
         self._nuclei[rc] = nuclei
         self._done.add(rc)
         newly = []
-        for nb in self._neighbours(rc):
-            if nb not in self._painted and all(x in self._done for x in self._neighbours(nb)):
-                self._paint(nb)
-                newly.append(nb)
+        for cell in self._around(rc, self._cells):
+            if cell not in self._painted and all(x in self._done for x in self._around(cell, self._pos)):
+                self._paint(cell)
+                newly.append(cell)
         self.max_held = max(self.max_held, sum(len(v) for v in self._nuclei.values()))
         # a tile's nuclei are needed until every core they may reach is painted
         for p in newly:
-            for nb in self._neighbours(p):
-                if nb in self._nuclei and all(x in self._painted for x in self._neighbours(nb)):
+            for nb in self._around(p, self._pos):
+                if nb in self._nuclei and all(x in self._painted for x in self._around(nb, self._cells)):
                     del self._nuclei[nb]
 
     def _preview_rect(self, tile: Tile) -> tuple[int, int, int, int]:
@@ -474,10 +484,10 @@ class ZarrWriter:
         self._preview_out.write(rect, np.moveaxis(crop, -1, 0))
 
     def _paint(self, rc: tuple[int, int]) -> None:
-        x0, y0, x1, y1 = self._pos[rc].core
+        y0, x0, y1, x1 = self._core(rc)
         ids = np.zeros((y1 - y0, x1 - x0), np.uint32)
         cls = np.zeros((y1 - y0, x1 - x0), np.uint8)
-        cands = [n for nb in self._neighbours(rc) for n in self._nuclei.get(nb, [])]
+        cands = [n for nb in self._around(rc, self._pos) for n in self._nuclei.get(nb, [])]
         cands.sort(key=lambda n: (-n.score, n.id))
         for n in cands:
             bx0, by0, bx1, by1 = n.box
@@ -517,7 +527,7 @@ class ZarrWriter:
                     dst[:, oy : oy + out.shape[1], ox : ox + out.shape[2]] = out
 
     def close(self, colors_limit: int = 0) -> Path:
-        missing = [rc for rc in self._pos if rc not in self._painted]
+        missing = [rc for rc in self._cells if rc not in self._painted]
         if missing:
             raise RuntimeError(f"{len(missing)} tiles were never completed; the label image would be incomplete")
         for buf in (self._ids_out, self._cls_out, self._preview_out):

@@ -21,10 +21,10 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torchvision.models.detection.roi_heads import RoIHeads, project_masks_on_boxes
+from torchvision.models.detection.roi_heads import project_masks_on_boxes
 
 from .atomic import write_text_atomic
-from .model import ModelCard, ModelConfig, build_model, default_classes, save_model
+from .model import ModelCard, ModelConfig, NucleusRoIHeads, build_model, default_classes, save_model
 
 # ------------------------------------------------------------------ partial-label ROI heads
 
@@ -32,16 +32,21 @@ from .model import ModelCard, ModelConfig, build_model, default_classes, save_mo
 def partial_fastrcnn_loss(class_logits, box_regression, labels, regression_targets, class_known):
     """Classification and box losses over sampled proposals.
 
-    ``class_known`` (per proposal) is false for proposals matched to a nucleus
-    of unknown class: they are left out of the cross-entropy, and their box
-    regression is trained for every foreground class ("a nucleus").
+    The cross-entropy of a proposal splits into "is it a nucleus" (-log P(foreground), or -log P(background))
+    and "which class, given a nucleus" (-log P(class | foreground)); their sum is the usual cross-entropy.
+    ``class_known`` (per proposal) is false for proposals matched to a nucleus of unknown class: they train
+    only the first part, so they add nothing to the class loss (the gradient of -log P(foreground) leaves
+    the ratios between the classes unchanged), and their box regression is trained for every foreground
+    class ("a nucleus").
     """
     labels = torch.cat(labels)
     regression_targets = torch.cat(regression_targets)
     class_known = torch.cat(class_known).float()
-    n_known = class_known.sum().clamp(min=1)
     ce = F.cross_entropy(class_logits, labels, reduction="none")
-    cls_loss = (ce * class_known).sum() / n_known
+    log_fg = torch.logsumexp(class_logits[:, 1:], dim=1) - torch.logsumexp(class_logits, dim=1)
+    unknown_fg = (class_known == 0) & (labels > 0)
+    per = torch.where(unknown_fg, -log_fg, ce)
+    cls_loss = per.sum() / max(1, labels.numel())
 
     n, _ = class_logits.shape
     box_regression = box_regression.reshape(n, box_regression.size(-1) // 4, 4)
@@ -78,7 +83,7 @@ def partial_maskrcnn_loss(mask_logits, proposals, gt_masks, gt_labels, mask_matc
     return torch.where(ck, own, every).mean()
 
 
-class PartialLabelRoIHeads(RoIHeads):
+class PartialLabelRoIHeads(NucleusRoIHeads):
     """torchvision ROI heads whose training losses honour ``class_known`` and ``mask_known`` in the targets."""
 
     def forward(self, features, proposals, image_shapes, targets=None):
