@@ -8,6 +8,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import zarr
 
 from wsiseg.stats import BINS, RANGES, compute_stats, write_stats
 
@@ -131,3 +132,70 @@ def test_stats_of_a_segment_run(tmp_path):
 def test_stats_error_names_folder(tmp_path):
     with pytest.raises(FileNotFoundError, match="no summary.json"):
         write_stats(tmp_path)
+
+
+def test_density_map_is_per_tissue_area_and_agrees_with_the_headline(tmp_path):
+    """Cells are divided by the tissue they hold, so the tissue-weighted mean of the map is the headline
+    density (cells at the edge of the tissue are not understated)."""
+    from conftest import synthetic_he, write_pyramid_tiff
+
+    from wsiseg.inference import ThresholdPredictor, threshold_card
+    from wsiseg.pipeline import SegmentOptions, segment_slide
+
+    img, _ = synthetic_he(700, 700, seed=4, n_nuclei=300)
+    path = write_pyramid_tiff(tmp_path / "s.tif", img, 0.5, levels=1, compression="zlib")
+    region = tmp_path / "r.geojson"
+    ring = [[60, 80], [610, 140], [520, 650], [90, 560], [60, 80]]
+    region.write_text(json.dumps({"type": "Feature", "properties": {},
+                                  "geometry": {"type": "Polygon", "coordinates": [ring]}}))
+    out = tmp_path / "out"
+    run = segment_slide(path, ThresholdPredictor(threshold_card(tile_size=256, overlap=64)), out,
+                        SegmentOptions(tissue=str(region), progress=False, density_cell_um=40, on_oversize="drop"))
+    s = json.loads((out / "stats" / "summary.json").read_text())
+    g = zarr.open_group(str(out / "stats" / "density.zarr"), mode="r")
+    d, area = g["0"][0], g["tissue_um2"][:]
+    assert area.sum() == pytest.approx(run["tissue_area_mm2"] * 1e6, rel=1e-6)
+    inside = area > 0
+    assert np.isnan(d[~inside]).all() and not np.isnan(d[inside]).any()
+    assert s["nuclei_outside_tissue_cells"] <= 0.02 * s["nuclei"]
+    weighted = float((d[inside] * area[inside]).sum() / area[inside].sum())
+    headline = (s["nuclei"] - s["nuclei_outside_tissue_cells"]) / run["tissue_area_mm2"]
+    assert weighted == pytest.approx(headline, rel=1e-5)
+    assert abs(weighted - s["density_per_mm2"]) <= 0.02 * s["density_per_mm2"]
+    # a cell half covered by tissue is not half as dense as a full one
+    half = (area > 0.3 * 1600) & (area < 0.7 * 1600)
+    full = area > 0.99 * 1600
+    assert half.any() and full.any()
+    assert np.nanmean(d[half]) > 0.6 * np.nanmean(d[full])
+
+
+def test_overlay_outlines_sit_on_the_nuclei(tmp_path):
+    """stats/overlay.png: outlines in class colours where the GeoJSON polygons are, not a pixel off."""
+    import cv2
+    from conftest import synthetic_he, write_pyramid_tiff
+    from shapely.geometry import shape
+
+    from wsiseg.inference import ThresholdPredictor, threshold_card
+    from wsiseg.pipeline import SegmentOptions, segment_slide
+
+    img, _ = synthetic_he(1200, 1000, seed=8, n_nuclei=400, radius=(7, 11))
+    path = write_pyramid_tiff(tmp_path / "s.tif", img, 0.25, levels=1, compression="zlib")
+    out = tmp_path / "out"
+    segment_slide(path, ThresholdPredictor(threshold_card(mpp=0.25, tile_size=256, overlap=64)), out,
+                  SegmentOptions(tissue="whole", progress=False, geojson="geojson"))
+    over = cv2.cvtColor(cv2.imread(str(out / "stats" / "overlay.png")), cv2.COLOR_BGR2RGB)
+    g = zarr.open_group(str(out / "s.ome.zarr"), mode="r")
+    preview = np.moveaxis(g["0"][:], 0, -1)
+    h, w = preview.shape[:2]
+    assert over.shape[0] > h and over.shape[1] == w  # the legend strip lies below the image
+    drawn = (over[:h] != preview).any(axis=2)
+    assert (over[:h][drawn] == (220, 50, 50)).all()  # the class colour
+    d = g.attrs["ome"]["multiscales"][0]["datasets"][0]["coordinateTransformations"][0]["scale"][1] / 0.25
+    edges = np.zeros((h, w), np.uint8)
+    for f in json.loads((out / "s.geojson").read_text())["features"]:
+        ring = np.asarray(shape(f["geometry"]).exterior.coords) / d  # level-0 px (= model px here) -> preview
+        cv2.polylines(edges, [np.round(ring - 0.5).astype(np.int32)], True, 1)
+    dist = cv2.distanceTransform((1 - edges).astype(np.uint8), cv2.DIST_L2, 5)
+    in_place = dist[drawn].mean()
+    shifted = dist[np.roll(drawn, (1, 1), axis=(0, 1))].mean()
+    assert drawn.sum() > 1000 and in_place < 0.4 and shifted > 1.8 * in_place

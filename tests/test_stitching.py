@@ -223,3 +223,19 @@ def test_real_image_no_seam_duplicates_and_nothing_seen_whole_lost(data_dir):
                 covered = lab[d.box[1] : d.box[3], d.box[0] : d.box[2]][d.mask].mean()
                 lost += covered < 0.5
     assert lost == 0
+
+
+def test_specks_below_the_minimum_area_are_dropped_and_counted():
+    from wsiseg.stitching import min_area_px
+
+    grid = make_grid(256, 256, 256, 64)
+    t = grid.tiles[0]
+    small, big = np.ones((4, 4), bool), np.ones((12, 12), bool)
+    det = TileDetections(np.array([[10, 10, 14, 14], [100, 100, 112, 112]], np.int32), np.array([0.9, 0.8], np.float32),
+                         np.zeros(2, np.int32), [small, big])
+    assert min_area_px(5.0, 0.25) == 80  # 5 µm² at 0.25 µm/px
+    st = Stitcher(grid, min_area=min_area_px(5.0, 0.25))
+    kept = [n for _, ns in st.add(t, det) for n in ns]
+    assert [n.area for n in kept] == [144] and st.dropped_small == 1
+    st = Stitcher(grid, min_area=min_area_px(0.0, 0.25))
+    assert len([n for _, ns in st.add(t, det) for n in ns]) == 2 and st.dropped_small == 0

@@ -60,6 +60,7 @@ class ModelCard:
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     config: ModelConfig = field(default_factory=ModelConfig)
     score_threshold: float = 0.5
+    min_area_um2: float = 5.0  # smaller objects are specks, not nuclei, and are dropped
     description: str = ""
     training: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
@@ -94,6 +95,7 @@ class ModelCard:
 
         number("mpp", self.mpp, 0.01, 20)
         number("score_threshold", self.score_threshold, 0, 1)
+        number("min_area_um2", self.min_area_um2, 0, 1000)
         if not isinstance(self.tile_size, int) or not 32 <= self.tile_size <= 8192:
             raise ValueError(f"tile_size must be a whole number of pixels in [32, 8192], got {self.tile_size!r}")
         if not isinstance(self.overlap, int) or not 0 <= self.overlap < self.tile_size:

@@ -149,6 +149,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
         writer=args.writer,
         geojson=args.geojson, table=args.table, zarr=not args.no_zarr, progress=not args.quiet,
         overwrite=args.overwrite, stats=not args.no_stats, density_cell_um=args.density_cell_um,
+        min_area_um2=args.min_area_um2,
     )
     out = args.out or str(Path(args.slide).stem) + "-wsiseg"
     summary = segment_slide(args.slide, predictor, out, opts)
@@ -285,6 +286,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--no-stats", action="store_true", help="skip the slide statistics and report")
     p.add_argument("--density-cell-um", type=CELL_UM, default=100.0, help="density map cell size in µm")
+    p.add_argument("--min-area-um2", type=_number(float, 0, 1000), default=None,
+                   help="drop objects smaller than this, in µm² (default: the model card's)")
     p.set_defaults(func=cmd_segment)
 
     p = sub.add_parser("batch", help="segment many slides, resumably, on this machine or a Dask cluster")

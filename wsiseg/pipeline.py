@@ -43,6 +43,7 @@ class SegmentOptions:
     overwrite: bool = False
     stats: bool = True
     density_cell_um: float = 100.0
+    min_area_um2: float | None = None  # default: the model card's
 
 
 class OutputExistsError(OutputError):
@@ -90,6 +91,13 @@ def segment_slide(slide_path: str | os.PathLike, predictor: Predictor, out_dir: 
         raise
 
 
+def _write_tissue_png(path: Path, mask: np.ndarray) -> None:
+    import cv2
+
+    if not cv2.imwrite(str(path), mask.astype(np.uint8) * 255):
+        raise OSError(f"{path}: cannot write the tissue mask")
+
+
 def _run(slide_path: Path, predictor: Predictor, tmp_dir: Path, o: SegmentOptions) -> dict:
     timer = Timer()
     started = time.time()
@@ -108,14 +116,17 @@ def _run(slide_path: Path, predictor: Predictor, tmp_dir: Path, o: SegmentOption
     # what the slide statistics, computed by the writer as it finishes, need to know of the run
     stats_run = {"slide": str(slide_path), "slide_dimensions": list(slide.dimensions), "slide_mpp": slide.mpp,
                  "tissue_area_mm2": round(tissue_mm2, 5), "model": card.name, "model_mpp": sp.plan.model_mpp,
-                 "started": started, "classes": classes}
+                 "started": started, "classes": classes, "tissue_mask": sp.tissue.mask,
+                 "tissue_downsample": sp.tissue.downsample}
+    _write_tissue_png(tmp_dir / "tissue.png", sp.tissue.mask)
     spec = WriterSpec(tmp_dir=tmp_dir, stem=slide_path.stem, grid=sp.grid, geom=geom, card=card, zarr=o.zarr,
                       zarr_image_downsample=o.zarr_image_downsample, geojson=o.geojson, table=o.table,
                       on_oversize=o.on_oversize,
                       score_threshold=predictor.score_threshold if raw_output else card.score_threshold,
                       mask_threshold=predictor.mask_threshold if raw_output else 0.5,
                       stats_run=stats_run if o.stats else None,
-                      stats_cell_um=o.density_cell_um, region_wkb=sp.tissue.region_wkb)
+                      stats_cell_um=o.density_cell_um, region_wkb=sp.tissue.region_wkb,
+                      min_area_um2=card.min_area_um2 if o.min_area_um2 is None else o.min_area_um2)
     n_tiles = len(sp.grid)
     warnings = list(sp.tissue.notes)
     if tile_size != card.tile_size:
@@ -191,6 +202,7 @@ def _run(slide_path: Path, predictor: Predictor, tmp_dir: Path, o: SegmentOption
         "nuclei_per_class": {c.name: int(k) for c, k in zip(card.classes, per_class)},
         "classes": classes,
         "nuclei_per_mm2": round(n_nuclei / tissue_mm2, 2) if tissue_mm2 > 0 else None,
+        "tissue_mask_file": {"file": "tissue.png", "level0_px_per_pixel": sp.tissue.downsample},
         "dropped_oversize": written["dropped_oversize"],
         "outside_region": written.get("outside_region", 0),
         "dropped_small": written.get("dropped_small", 0),
@@ -210,5 +222,6 @@ def _run(slide_path: Path, predictor: Predictor, tmp_dir: Path, o: SegmentOption
         "settings": {"score_threshold": spec.score_threshold, "mask_threshold": spec.mask_threshold,
                      "nms_threshold": card.config.nms_thresh, "tile_size": tile_size, "overlap": overlap,
                      "batch_size": o.batch_size, "mpp_override": o.mpp, "tissue": o.tissue,
-                     "on_oversize": o.on_oversize, "backend": o.backend},
+                     "on_oversize": o.on_oversize, "backend": o.backend,
+                     "min_area_um2": spec.min_area_um2},
     }

@@ -26,7 +26,7 @@ import numpy as np
 from .card import ModelCard
 from .detections import TileDetections, detections_from_raw
 from .outputs import GeoJSONWriter, Geometry, TableWriter, ZarrWriter, nucleus_record
-from .stitching import Stitcher
+from .stitching import Stitcher, min_area_px
 from .tiling import Tile, TileGrid
 
 
@@ -61,6 +61,7 @@ class WriterSpec:
     stats_run: dict | None = None  # the run's description for the slide statistics; None: no statistics
     stats_cell_um: float = 100.0
     region_wkb: bytes | None = None  # keep only nuclei whose centroid lies in these level-0 polygons
+    min_area_um2: float = 0.0  # smaller objects are dropped (and counted)
 
 
 class SlideWriter:
@@ -89,7 +90,8 @@ class SlideWriter:
         except BaseException:
             self.abort()
             raise
-        self.stitcher = Stitcher(spec.grid, on_oversize=spec.on_oversize)
+        self.stitcher = Stitcher(spec.grid, on_oversize=spec.on_oversize,
+                                 min_area=min_area_px(spec.min_area_um2, spec.geom.model_mpp))
         self.region = None
         self.outside_region = 0
         self.next_id = 1

@@ -92,6 +92,7 @@ class SlideStats:
     tissue_area_mm2: float | None
     extent_um: tuple[float, float] | None  # slide width, height in µm
     cell_um: float = 100.0
+    cell_tissue_um2: np.ndarray | None = None  # (gh, gw) tissue area in each density cell
 
     def __post_init__(self) -> None:
         self.counts = np.zeros(len(self.class_names) + 1, np.int64)  # index 0: unknown class
@@ -125,10 +126,20 @@ class SlideStats:
             np.add.at(self.density, (cls, gy, gx), 1)
 
     def density_per_mm2(self) -> np.ndarray:
-        """(classes + 1, gh, gw): layer 0 all nuclei, then one layer per class, in nuclei per mm² of grid cell."""
-        cell_mm2 = (self.cell_um / 1000.0) ** 2
-        d = self.density.astype(np.float32) / cell_mm2
-        return np.concatenate([d.sum(axis=0, keepdims=True), d[1:]], axis=0)
+        """(classes + 1, gh, gw): layer 0 all nuclei, then one layer per class, in nuclei per mm² of the tissue
+        in each cell (NaN where a cell holds no tissue); without a tissue mask, per mm² of cell."""
+        counts = np.concatenate([self.density.sum(axis=0, keepdims=True), self.density[1:]], axis=0)
+        if self.cell_tissue_um2 is None:
+            return (counts / (self.cell_um / 1000.0) ** 2).astype(np.float32)
+        area = self.cell_tissue_um2 / 1e6
+        safe = np.where(area > 0, area, 1.0)
+        return np.where(area > 0, counts / safe, np.nan).astype(np.float32)
+
+    def outside_tissue(self) -> int:
+        """Nuclei in density cells that hold no tissue (left out of the map)."""
+        if self.cell_tissue_um2 is None or self.density is None:
+            return 0
+        return int(self.density[:, self.cell_tissue_um2 <= 0].sum())
 
     def summary(self) -> dict:
         total = int(self.counts.sum())
@@ -145,6 +156,7 @@ class SlideStats:
             "unknown_class": int(self.counts[0]),
             "tissue_area_mm2": self.tissue_area_mm2,
             "density_per_mm2": total / self.tissue_area_mm2 if self.tissue_area_mm2 else None,
+            "nuclei_outside_tissue_cells": self.outside_tissue(),
             "classes": per_class,
             "features": {c: {f: a.summary() for f, a in feats.items()} for c, feats in self.acc.items()},
         }
@@ -177,11 +189,30 @@ def iter_table(path: str | os.PathLike, columns: Sequence[str], batch_rows: int 
             del t
 
 
+def cell_tissue_area(mask: np.ndarray, mask_px_um: float, cell_um: float, grid_shape: tuple[int, int],
+                     total_um2: float | None = None) -> np.ndarray:
+    """Tissue area (µm²) in each density cell: each mask pixel counted in the cell holding its centre, scaled
+    so that the cells add up to ``total_um2`` (the run's tissue area) when given."""
+    gh, gw = grid_shape
+    ys, xs = np.nonzero(mask)
+    gx = np.clip(((xs + 0.5) * mask_px_um / cell_um).astype(np.int64), 0, gw - 1)
+    gy = np.clip(((ys + 0.5) * mask_px_um / cell_um).astype(np.int64), 0, gh - 1)
+    area = np.bincount(gy * gw + gx, minlength=gh * gw).astype(np.float64).reshape(gh, gw) * mask_px_um**2
+    if total_um2 is not None and area.sum() > 0:
+        area *= total_um2 / area.sum()
+    return area
+
+
 def compute_stats(table: str | os.PathLike, class_names: list[str], tissue_area_mm2: float | None,
                   extent_um: tuple[float, float] | None, cell_um: float = 100.0,
-                  batch_rows: int = 262_144) -> SlideStats:
-    """Stream the table once into a :class:`SlideStats`."""
+                  batch_rows: int = 262_144, tissue_mask: np.ndarray | None = None,
+                  mask_px_um: float | None = None) -> SlideStats:
+    """Stream the table once into a :class:`SlideStats`; with the run's tissue mask (one pixel
+    ``mask_px_um`` µm wide), densities are per mm² of tissue in each cell."""
     st = SlideStats(class_names, tissue_area_mm2, extent_um, cell_um)
+    if tissue_mask is not None and st.density is not None and mask_px_um:
+        st.cell_tissue_um2 = cell_tissue_area(tissue_mask, mask_px_um, cell_um, st.density.shape[1:],
+                                              tissue_area_mm2 * 1e6 if tissue_area_mm2 else None)
     cols = ["class_id", "centroid_x_um", "centroid_y_um", *STAT_FEATURES]
     for batch in iter_table(table, cols, batch_rows):
         st.add(batch)
@@ -257,9 +288,14 @@ def _plots(st: SlideStats, colors: dict[str, tuple[int, int, int]]) -> dict[str,
     return out
 
 
-def overlay_thumbnail(zarr_path: str | os.PathLike, colors: list[tuple[int, int, int]], max_side: int = 1200):
-    """RGB preview of the slide with nuclei tinted by class, read from the run's OME-Zarr."""
-    import cv2
+def overlay_thumbnail(zarr_path: str | os.PathLike, colors: list[tuple[int, int, int]],
+                      names: list[str] | None = None, max_side: int = 1200) -> np.ndarray:
+    """RGB preview of the slide with every nucleus outlined in its class colour, in place, read from the run's
+    OME-Zarr; below it a legend of the classes and a scale bar.
+
+    Each preview pixel takes the label at its centre (from a label level at least four times finer than the
+    preview, so outlines sit within a fraction of a preview pixel of the nuclei's edges).
+    """
     import zarr
 
     root = zarr.open_group(str(zarr_path), mode="r")
@@ -269,17 +305,66 @@ def overlay_thumbnail(zarr_path: str | os.PathLike, colors: list[tuple[int, int,
         if max(root[str(i)].shape[1:]) >= max_side:
             level = i
     img = np.moveaxis(root[str(level)][:], 0, -1).copy()
-    scale_img = ms[level]["coordinateTransformations"][0]["scale"][1]
-    lab_ds = root["labels/classes"].attrs["ome"]["multiscales"][0]["datasets"]
+    s_img = ms[level]["coordinateTransformations"][0]["scale"][1]
+    lab_ds = root["labels/nuclei"].attrs["ome"]["multiscales"][0]["datasets"]
     scales = [d["coordinateTransformations"][0]["scale"][1] for d in lab_ds]
-    li = int(np.argmin([abs(math.log(s / scale_img)) for s in scales]))
-    cls = root[f"labels/classes/{li}"][0]
-    cls = cv2.resize(cls, (img.shape[1], img.shape[0]), interpolation=cv2.INTER_NEAREST)
-    out = img.astype(np.float32)
-    for i, c in enumerate(colors, start=1):
-        m = cls == i
-        out[m] = 0.45 * out[m] + 0.55 * np.asarray(c, np.float32)
-    return out.clip(0, 255).astype(np.uint8)
+    fine = [i for i, sc in enumerate(scales) if sc <= s_img / 4 + 1e-9] or [0]
+    li = fine[-1]
+    ids_arr, cls_arr = root[f"labels/nuclei/{li}"], root[f"labels/classes/{li}"]
+    r = s_img / scales[li]
+    h, w = img.shape[:2]
+    rows = np.minimum(((np.arange(h) + 0.5) * r).astype(np.int64), ids_arr.shape[1] - 1)
+    cols = np.minimum(((np.arange(w) + 0.5) * r).astype(np.int64), ids_arr.shape[2] - 1)
+    ids = ids_arr.oindex[0, rows, cols]
+    cls = cls_arr.oindex[0, rows, cols]
+    edge = np.zeros(ids.shape, bool)
+    edge[:-1] |= ids[:-1] != ids[1:]
+    edge[1:] |= ids[1:] != ids[:-1]
+    edge[:, :-1] |= ids[:, :-1] != ids[:, 1:]
+    edge[:, 1:] |= ids[:, 1:] != ids[:, :-1]
+    edge &= ids > 0
+    palette = np.array([(0, 0, 0), *colors], np.uint8)
+    img[edge] = palette[np.clip(cls[edge], 0, len(colors))]
+    return np.concatenate([img, _legend(w, colors, names or [f"class {i + 1}" for i in range(len(colors))],
+                                        s_img)], axis=0)
+
+
+def _legend(width: int, colors: list[tuple[int, int, int]], names: list[str], um_per_px: float) -> np.ndarray:
+    """A white strip: a swatch and name per class, then a scale bar of a round length in µm."""
+    import cv2
+
+    strip = np.full((34, width, 3), 255, np.uint8)
+    x = 8
+    for c, n in zip(colors, names):
+        cv2.rectangle(strip, (x, 10), (x + 14, 24), tuple(int(v) for v in c), thickness=2)
+        cv2.putText(strip, n, (x + 20, 23), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (20, 20, 20), 1, cv2.LINE_AA)
+        x += 20 + cv2.getTextSize(n, cv2.FONT_HERSHEY_SIMPLEX, 0.45, 1)[0][0] + 16
+    target = width * 0.2 * um_per_px
+    length_um = max(v for v in (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000) if v <= max(target, 1))
+    px = int(round(length_um / um_per_px))
+    x1 = width - 10
+    cv2.line(strip, (x1 - px, 20), (x1, 20), (0, 0, 0), 3)
+    label = f"{length_um:g} um"
+    tw = cv2.getTextSize(label, cv2.FONT_HERSHEY_SIMPLEX, 0.45, 1)[0][0]
+    cv2.putText(strip, label, (x1 - px - tw - 6, 24), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 1, cv2.LINE_AA)
+    return strip
+
+
+def _tissue_mask(out_dir: Path, run: dict) -> tuple[np.ndarray | None, float | None]:
+    """The run's tissue mask and the width of its pixels in µm: given in ``run``, or the output's
+    ``tissue.png``."""
+    mask, ds = run.get("tissue_mask"), run.get("tissue_downsample")
+    if mask is None:
+        info = run.get("tissue_mask_file") or {}
+        path = out_dir / str(info.get("file", ""))
+        if info and path.is_file():
+            import cv2
+
+            mask = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE) > 0
+            ds = info.get("level0_px_per_pixel")
+    if mask is None or not ds or not run.get("slide_mpp"):
+        return None, None
+    return np.asarray(mask, bool), float(ds) * float(run["slide_mpp"])
 
 
 def write_stats(out_dir: str | os.PathLike, cell_um: float = 100.0) -> dict:
@@ -314,7 +399,9 @@ def write_run_stats(out_dir: str | os.PathLike, run: dict, cell_um: float = 100.
     colors = {c["name"]: tuple(c["color"]) for c in classes}
     w, h = run["slide_dimensions"]
     mpp = run["slide_mpp"]
-    st = compute_stats(tables[0], names, run.get("tissue_area_mm2"), (w * mpp, h * mpp), cell_um)
+    mask, mask_px_um = _tissue_mask(out_dir, run)
+    st = compute_stats(tables[0], names, run.get("tissue_area_mm2"), (w * mpp, h * mpp), cell_um,
+                       tissue_mask=mask, mask_px_um=mask_px_um)
     summary = st.summary()
     summary.update({"slide": run["slide"], "model": run["model"], "density_cell_um": cell_um})
     return _write_artifacts(out_dir, run, st, summary, colors)
@@ -345,12 +432,18 @@ def _write_artifacts(out_dir: Path, run: dict, st: SlideStats, summary: dict, co
                                                {"name": "x", "type": "space", "unit": "micrometer"}],
             "datasets": [{"path": "0", "coordinateTransformations": [
                 {"type": "scale", "scale": [1.0, st.cell_um, st.cell_um]}]}]}]}
-        g.attrs["wsiseg"] = {"channels": ["all", *st.class_names], "unit": "nuclei per mm²", "cell_um": st.cell_um}
+        g.attrs["wsiseg"] = {"channels": ["all", *st.class_names], "unit": "nuclei per mm² of tissue",
+                             "cell_um": st.cell_um, "tissue_um2": "tissue area in each cell (µm²), NaN density "
+                                                                 "where it is 0"}
+        if st.cell_tissue_um2 is not None:
+            t = g.create_array("tissue_um2", shape=st.cell_tissue_um2.shape, chunks=st.cell_tissue_um2.shape,
+                               dtype="float64", dimension_names=("y", "x"))
+            t[:] = st.cell_tissue_um2
     zarrs = sorted(out_dir.glob("*.ome.zarr"))
     if zarrs:
         import cv2
 
-        thumb = overlay_thumbnail(zarrs[0], [colors[n] for n in st.class_names])
+        thumb = overlay_thumbnail(zarrs[0], [colors[n] for n in st.class_names], st.class_names)
         ok, png = cv2.imencode(".png", cv2.cvtColor(thumb, cv2.COLOR_RGB2BGR))
         images["overlay.png"] = png.tobytes()
     for name, data in images.items():

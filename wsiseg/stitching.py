@@ -53,6 +53,7 @@ detection that touches an interior edge raises :class:`NucleusTooLargeError`
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -116,6 +117,11 @@ def _largest_part(mask: np.ndarray) -> np.ndarray:
     if n <= 2:
         return mask
     return lab == 1 + int(np.argmax(st[1:, cv2.CC_STAT_AREA]))
+
+
+def min_area_px(min_area_um2: float, mpp: float) -> int:
+    """The smallest nucleus kept, in pixels at ``mpp``."""
+    return max(1, int(math.ceil(min_area_um2 / mpp**2 - 1e-9)))
 
 
 class Stitcher:
@@ -293,7 +299,7 @@ class Stitcher:
 
 
 def segment_array(image: np.ndarray, predictor, tile_size: int, overlap: int, batch_size: int = 4,
-                  on_oversize: str = "drop") -> tuple[np.ndarray, dict[int, int], dict[int, float]]:
+                  on_oversize: str = "drop", min_area: int = 1) -> tuple[np.ndarray, dict[int, int], dict[int, float]]:
     """Segment an in-memory RGB image at the model's resolution with the same tiling and stitching as slides.
 
     Returns an instance label image, instance id -> 0-based class, and instance id -> score.
@@ -302,7 +308,7 @@ def segment_array(image: np.ndarray, predictor, tile_size: int, overlap: int, ba
 
     h, w = image.shape[:2]
     grid = make_grid(w, h, tile_size, overlap)
-    st = Stitcher(grid, on_oversize=on_oversize)
+    st = Stitcher(grid, on_oversize=on_oversize, min_area=min_area)
     nuclei: list[Nucleus] = []
     tiles = list(grid.tiles)
     for i in range(0, len(tiles), batch_size):

@@ -590,7 +590,7 @@ def evaluate_predictor(pred, val: list[Sample], class_names: list[str]) -> dict:
     import cv2
 
     from .evaluation import evaluate_images
-    from .stitching import segment_array
+    from .stitching import min_area_px, segment_array
 
     card = pred.card
     gts, preds, gcls, pcls, scores, mpps = [], [], [], [], [], []
@@ -599,7 +599,8 @@ def evaluate_predictor(pred, val: list[Sample], class_names: list[str]) -> dict:
         f = s.mpp / card.mpp
         if abs(f - 1) > 0.02:
             img = cv2.resize(img, None, fx=f, fy=f, interpolation=cv2.INTER_LINEAR)
-        labels, cls, sc = segment_array(img, pred, card.tile_size, card.overlap)
+        labels, cls, sc = segment_array(img, pred, card.tile_size, card.overlap,
+                                        min_area=min_area_px(card.min_area_um2, card.mpp))
         if labels.shape != lab.shape:
             labels = cv2.resize(labels, (lab.shape[1], lab.shape[0]), interpolation=cv2.INTER_NEAREST)
         gts.append(lab)
