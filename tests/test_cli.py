@@ -10,7 +10,7 @@ def run(*args):
 
 
 def test_info_plans_grid(slides_dir):
-    proc = run("info", str(slides_dir / "CMU-1-Small-Region.svs"), "--model-mpp", "0.25", "--json")
+    proc = run("info", str(slides_dir / "CMU-1-Small-Region.svs"), "--json")
     assert proc.returncode == 0, proc.stderr
     info = json.loads(proc.stdout)
     assert info["dimensions"] == [2220, 2967] and info["mpp"] == 0.499
@@ -31,3 +31,20 @@ def test_info_damaged_file_exit_code(slides_dir):
     proc = run("info", str(slides_dir / "broken.svs"))
     assert proc.returncode == 2
     assert "broken.svs" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_info_plans_the_grid_segment_uses(tmp_path):
+    """Without options, info plans for the bundled model exactly the grid segment then runs."""
+    from conftest import synthetic_he, write_pyramid_tiff
+
+    img, _ = synthetic_he(400, 500, seed=3, n_nuclei=60)
+    path = write_pyramid_tiff(tmp_path / "s.tif", img, 0.5, levels=1, compression="zlib")
+    proc = run("info", str(path), "--json")
+    assert proc.returncode == 0, proc.stderr
+    plan = json.loads(proc.stdout)["plan"]
+    proc = run("segment", str(path), "--out", str(tmp_path / "o"), "--quiet", "--no-stats", "--no-zarr")
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads((tmp_path / "o" / "summary.json").read_text())
+    assert plan["model"] == summary["model"]
+    assert (plan["tiles"], plan["grid"], plan["tile_size"], plan["overlap"], plan["model_mpp"]) == (
+        summary["tiles"], summary["grid"], summary["tile_size"], summary["overlap"], summary["model_mpp"])

@@ -14,10 +14,6 @@ from .sink import WriterProcessError
 from .slide import SlideError, open_slide
 from .stitching import NucleusTooLargeError
 
-DEFAULT_MODEL_MPP = 0.5
-DEFAULT_TILE = 512
-DEFAULT_OVERLAP = 64
-
 
 class _Parser(argparse.ArgumentParser):
     """Usage errors in one line, naming the option, with exit code 2."""
@@ -68,6 +64,20 @@ def _tissue(args: argparse.Namespace, slide):
     return detect_tissue(slide)
 
 
+def _card(model: str | None):
+    """The card of the model ``segment`` would run: ``model``, or the bundled one."""
+    from .card import load_card
+
+    if model == "threshold":
+        from .inference import threshold_card
+
+        return threshold_card()
+    path = model or default_model_path()
+    if path is None:
+        raise ValueError("no default model is bundled with this installation; pass --model")
+    return load_card(path)
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     from .tiling import plan_slide
 
@@ -87,8 +97,13 @@ def cmd_info(args: argparse.Namespace) -> int:
         "associated_images": list(p.associated_images),
     }
     if slide.mpp is not None:
-        sp = plan_slide(slide, args.model_mpp, args.tile_size, args.overlap, tissue=_tissue(args, slide))
+        card = _card(args.model)
+        model_mpp = args.model_mpp or card.mpp
+        tile_size = args.tile_size or card.tile_size
+        overlap = card.overlap if args.overlap is None else args.overlap
+        sp = plan_slide(slide, model_mpp, tile_size, overlap, tissue=_tissue(args, slide))
         info["plan"] = {
+            "model": card.name,
             "model_mpp": sp.plan.model_mpp,
             "level": sp.plan.level,
             "resize_factor": round(sp.plan.scale, 6),
@@ -125,6 +140,7 @@ def _print_info(info: dict) -> None:
     if plan is None:
         print(f"plan             {info['plan_note']}")
         return
+    print(f"model            {plan['model']}")
     print(f"model mpp        {plan['model_mpp']:g} (read level {plan['level']}, resize x{plan['resize_factor']:g})")
     print(f"model image      {plan['model_image_size'][0]} x {plan['model_image_size'][1]} px")
     print(f"tiles            {plan['tiles']} of {plan['grid'][0]} x {plan['grid'][1]} "
@@ -255,11 +271,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("info", help="print a slide's properties and the planned tile grid")
+    p = sub.add_parser("info", help="print a slide's properties and the tile grid segment would use")
     _add_slide_args(p)
-    p.add_argument("--model-mpp", type=MPP, default=DEFAULT_MODEL_MPP, help="model microns per pixel")
-    p.add_argument("--tile-size", type=TILE, default=DEFAULT_TILE)
-    p.add_argument("--overlap", type=OVERLAP, default=DEFAULT_OVERLAP)
+    p.add_argument("--model", default=None, help="plan for this model (default: the bundled model)")
+    p.add_argument("--model-mpp", type=MPP, default=None, help="model microns per pixel (default: the card's)")
+    p.add_argument("--tile-size", type=TILE, default=None, help="default: the model card's")
+    p.add_argument("--overlap", type=OVERLAP, default=None, help="default: the model card's")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_info)
 
