@@ -48,3 +48,28 @@ def test_info_plans_the_grid_segment_uses(tmp_path):
     assert plan["model"] == summary["model"]
     assert (plan["tiles"], plan["grid"], plan["tile_size"], plan["overlap"], plan["model_mpp"]) == (
         summary["tiles"], summary["grid"], summary["tile_size"], summary["overlap"], summary["model_mpp"])
+
+
+def test_known_failures_have_their_own_exit_codes():
+    import errno
+
+    from wsiseg.cli import _exit_code
+    from wsiseg.errors import DeviceUnavailableError, SchedulerUnreachableError
+
+    cases = [(OSError(errno.ENOSPC, "No space left on device", "/out/x.parquet"), 3, "no space left"),
+             (OSError(errno.EROFS, "Read-only file system", "/out"), 3, "read-only"),
+             (PermissionError(errno.EACCES, "Permission denied", "/out"), 3, "permission denied"),
+             (DeviceUnavailableError("device 'cuda' requested but CUDA is not available"), 4, "CUDA"),
+             (SchedulerUnreachableError("Dask scheduler tcp://x:1: cannot connect"), 5, "scheduler"),
+             (ValueError("bad option"), 2, "bad option"),
+             (KeyError("boom"), 70, "--debug")]
+    for exc, code, text in cases:
+        got, message = _exit_code(exc)
+        assert got == code and text in message and "\n" not in message, (exc, got, message)
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    proc = run("segment", str(tmp_path / "missing.svs"), "--out", str(tmp_path / "o"))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and len(proc.stderr.splitlines()) == 1
+    proc = run("segment", str(tmp_path / "missing.svs"), "--out", str(tmp_path / "o"), "--debug")
+    assert proc.returncode != 0 and "Traceback" in proc.stderr
