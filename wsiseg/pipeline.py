@@ -206,7 +206,7 @@ def _run(slide_path: Path, predictor: Predictor, tmp_dir: Path, o: SegmentOption
         "dropped_oversize": written["dropped_oversize"],
         "outside_region": written.get("outside_region", 0),
         "dropped_small": written.get("dropped_small", 0),
-        "seam_duplicates": written.get("seam_duplicates", 0),
+        "redundant_detections": written.get("redundant_detections", 0),
         "writer": sink.kind,
         "writer_peak_rss_mb": written.get("writer_peak_rss_mb"),
         "timings_s": {k: round(v, 3) for k, v in timer.totals.items()},

@@ -171,7 +171,7 @@ class SlideWriter:
         return {"outputs": outputs, "per_class": self.per_class.tolist(),
                 "dropped_oversize": self.stitcher.dropped_oversize,
                 "dropped_small": self.stitcher.dropped_small,
-                "seam_duplicates": self.stitcher.duplicates,
+                "redundant_detections": self.stitcher.duplicates,
                 "outside_region": self.outside_region,
                 "timings_s": dict(self.timer.totals)}
 
