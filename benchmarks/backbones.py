@@ -37,8 +37,10 @@ CANDIDATES = {
 def main() -> None:
     import torch
 
+    from wsiseg.augment import random_crop
+    from wsiseg.datasets import InstanceFolder
     from wsiseg.model import ModelConfig, build_model
-    from wsiseg.training import InstanceFolder, _to_torch, enable_partial_labels, random_crop
+    from wsiseg.training import _to_torch, enable_partial_labels
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default=str(HERE.parent.parent / "shared" / "data" / "monuseg-train"))

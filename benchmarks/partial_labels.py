@@ -37,8 +37,9 @@ VARIANTS = {
 
 
 def _evaluate(run: Path, data: str) -> dict:
+    from wsiseg.datasets import InstanceFolder
+    from wsiseg.evaluation import evaluate_predictor
     from wsiseg.inference import load_predictor
-    from wsiseg.training import InstanceFolder, evaluate_predictor
 
     pred = load_predictor(str(run / "best.safetensors"), device="cpu")
     val = json.loads((run / "split.json").read_text())["val"]

@@ -46,7 +46,13 @@ def make_model(kind: str, tmp: Path) -> str:
         return kind
     import torch
 
-    from wsiseg.model import ModelCard, ModelConfig, build_model, default_classes, save_model
+    from wsiseg.model import (
+        ModelCard,
+        ModelConfig,
+        build_model,
+        default_classes,
+        save_model,
+    )
 
     torch.manual_seed(0)
     if kind == "tiny":

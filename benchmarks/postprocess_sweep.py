@@ -17,12 +17,13 @@ import time
 from pathlib import Path
 
 import numpy as np
-
 from common import write_result
+
+from wsiseg.datasets import InstanceFolder
 from wsiseg.detections import TileDetections
+from wsiseg.evaluation import evaluate_predictor
 from wsiseg.inference import MaskRCNNPredictor, select_device
 from wsiseg.model import load_model
-from wsiseg.training import InstanceFolder, evaluate_predictor
 
 
 class CachedForward:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import textwrap
@@ -12,7 +11,15 @@ import pytest
 import torch
 
 from wsiseg.atomic import (
-    MARKER, OutputError, aside_path, atomic_path, check_replaceable, make_staging, publish, recover, remove_owned,
+    MARKER,
+    OutputError,
+    aside_path,
+    atomic_path,
+    check_replaceable,
+    make_staging,
+    publish,
+    recover,
+    remove_owned,
     staging_path,
 )
 

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+from pathlib import Path
 import sys
 
 
@@ -73,3 +74,40 @@ def test_debug_shows_the_traceback(tmp_path):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and len(proc.stderr.splitlines()) == 1
     proc = run("segment", str(tmp_path / "missing.svs"), "--out", str(tmp_path / "o"), "--debug")
     assert proc.returncode != 0 and "Traceback" in proc.stderr
+
+
+def test_public_api_is_lazy_and_the_writer_side_never_imports_torch(tmp_path):
+    """`import wsiseg` is cheap; stitching and every writer (what the writer process runs) work without torch."""
+    code = f"""
+import sys
+import wsiseg
+assert "torch" not in sys.modules and "wsiseg.slide" not in sys.modules
+assert callable(wsiseg.open_slide) and callable(wsiseg.evaluate) and "torch" not in sys.modules
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+from conftest import synthetic_he
+import numpy as np
+from pathlib import Path
+from wsiseg.card import ModelCard, default_classes, ModelConfig
+from wsiseg.detections import TileDetections
+from wsiseg.outputs import Geometry
+from wsiseg.sink import SlideWriter, WriterSpec
+from wsiseg.tiling import make_grid
+grid = make_grid(300, 300, 256, 64)
+card = ModelCard("t", default_classes(["nucleus"]), 0.25, 256, 64, config=ModelConfig(num_classes=1))
+out = Path({str(tmp_path)!r})
+run = {{"slide": "s.tif", "slide_dimensions": [300, 300], "slide_mpp": 0.25, "tissue_area_mm2": 0.005,
+        "model": "t", "classes": [{{"name": "nucleus", "color": [1, 2, 3]}}]}}
+w = SlideWriter(WriterSpec(out, "s", grid, Geometry(1.0, 0.25, "s.tif"), card, stats_run=run))
+img, lab = synthetic_he(300, 300, seed=1, n_nuclei=20)
+for t in grid.tiles:
+    px = np.full((1, 256, 256, 3), 255, np.uint8)
+    sub = img[t.y:t.y + 256, t.x:t.x + 256]
+    px[0, :sub.shape[0], :sub.shape[1]] = sub
+    w.add([t], px, [TileDetections.empty()])
+w.close()
+bad = sorted(m for m in sys.modules if m == "torch" or m.startswith(("torch.", "torchvision")))
+assert not bad, bad[:5]
+print("ok")
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-3000:]

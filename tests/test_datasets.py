@@ -7,10 +7,11 @@ import json
 import cv2
 import numpy as np
 import pytest
+from conftest import synthetic_he, write_pyramid_tiff
 from PIL import Image
 
-from conftest import synthetic_he, write_pyramid_tiff
-from wsiseg.training import CocoInstances, GeoJSONRegion, load_dataset, targets_from_labels
+from wsiseg.augment import targets_from_labels
+from wsiseg.datasets import CocoInstances, GeoJSONRegion, load_dataset
 
 
 def _iou(a, b):

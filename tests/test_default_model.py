@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+from conftest import synthetic_he, write_pyramid_tiff
 from PIL import Image
 
 from wsiseg.cli import default_model_path
@@ -15,8 +16,6 @@ from wsiseg.evaluation import panoptic_quality
 from wsiseg.inference import load_predictor
 from wsiseg.model import load_card
 from wsiseg.stitching import segment_array
-
-from conftest import synthetic_he, write_pyramid_tiff
 
 REPO = Path(__file__).resolve().parents[1]
 SPLIT = REPO / "configs" / "default-split.json"

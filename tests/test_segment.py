@@ -113,7 +113,7 @@ def test_segment_generated_slide_threshold_model(tmp_path):
     path, img, truth = _slide(tmp_path)
     pred = ThresholdPredictor(threshold_card(mpp=0.5, tile_size=256, overlap=64))
     out = tmp_path / "out"
-    summary = segment_slide(path, pred, out, SegmentOptions(tissue="whole", progress=False, workers=2))
+    segment_slide(path, pred, out, SegmentOptions(tissue="whole", progress=False, workers=2))
     s, table, labels = check_outputs(out, "synth", ["nucleus"], 1.0, 0.5)
     # the baseline finds nearly every synthetic nucleus, once
     assert 0.97 * truth.max() <= s["nuclei"] <= truth.max()
@@ -470,7 +470,7 @@ def test_region_keeps_exactly_the_nuclei_inside_it(tmp_path):
     area_mm2 = 450 * 400 * (0.25 / 1000) ** 2
     assert s["tissue_area_mm2"] == pytest.approx(area_mm2, rel=1e-4)
     assert s["nuclei_per_mm2"] == pytest.approx(len(table) / area_mm2, rel=1e-3)
-    whole = segment_slide(path, pred, tmp_path / "whole", SegmentOptions(
+    segment_slide(path, pred, tmp_path / "whole", SegmentOptions(
         tissue="whole", stats=False, zarr=False, progress=False, on_oversize="drop"))
     inside = pd.read_parquet(tmp_path / "whole" / "synth.nuclei.parquet")
     n_inside = sum(poly.contains(Point(x, y)) for x, y in zip(inside.centroid_x_px, inside.centroid_y_px))

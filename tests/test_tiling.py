@@ -9,7 +9,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from wsiseg.slide import SlideError, open_slide
-from wsiseg.tiling import axis_bounds, make_grid, plan_resolution, plan_slide, read_model_region, stream_tiles
+from wsiseg.tiling import (
+    axis_bounds,
+    make_grid,
+    plan_resolution,
+    plan_slide,
+    read_model_region,
+    stream_tiles,
+)
 from wsiseg.tissue import TissueMask
 
 

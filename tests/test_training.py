@@ -7,9 +7,20 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from wsiseg.augment import random_crop
+from wsiseg.datasets import Sample
 from wsiseg.training import (
-    PartialLabelRoIHeads, Sample, TrainConfig, apply_partial_mode, enable_partial_labels, extra_training_data,
-    hide_labels, lr_at, partial_fastrcnn_loss, partial_maskrcnn_loss, random_crop, split_names, train,
+    PartialLabelRoIHeads,
+    TrainConfig,
+    apply_partial_mode,
+    enable_partial_labels,
+    extra_training_data,
+    hide_labels,
+    lr_at,
+    partial_fastrcnn_loss,
+    partial_maskrcnn_loss,
+    split_names,
+    train,
 )
 
 
@@ -355,9 +366,8 @@ def test_every_shipped_config_is_valid_and_fine_tunes_fit_the_default_model():
 
 def _instance_folder(root, names, classes=None, seed=0):
     """An instance-label folder of synthetic 160x160 images; ``classes`` cycles over the nuclei in classes.csv."""
-    from PIL import Image
-
     from conftest import synthetic_he
+    from PIL import Image
 
     (root / "images").mkdir(parents=True)
     (root / "labels").mkdir()

@@ -1,6 +1,34 @@
-"""wsiseg: nucleus segmentation and classification for H&E whole-slide images."""
+"""wsiseg: nucleus segmentation and classification for H&E whole-slide images.
 
-from .slide import MppUnknownError, Slide, SlideError, open_slide
+The public API, imported on first use so that ``import wsiseg`` stays cheap::
+
+    slide = wsiseg.open_slide("slide.svs")
+    predictor = wsiseg.load_predictor(wsiseg.default_model_path())
+    summary = wsiseg.segment_slide("slide.svs", predictor, "out/", wsiseg.SegmentOptions())
+    manifest = wsiseg.run_batch(slides, "batch-out/", model_path)
+    metrics = wsiseg.evaluate(model_path, "labelled-folder/")
+"""
+
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
-__all__ = ["MppUnknownError", "Slide", "SlideError", "open_slide", "__version__"]
+
+_PUBLIC = {
+    "open_slide": "slide", "Slide": "slide", "SlideError": "slide", "MppUnknownError": "slide",
+    "load_predictor": "inference", "default_model_path": "card", "load_card": "card", "ModelCard": "card",
+    "segment_slide": "pipeline", "SegmentOptions": "pipeline", "run_batch": "batch", "evaluate": "evaluation",
+    "OutputError": "atomic",
+}
+__all__ = [*_PUBLIC, "__version__"]
+
+
+def __getattr__(name: str):
+    if name in _PUBLIC:
+        return getattr(importlib.import_module(f".{_PUBLIC[name]}", __name__), name)
+    raise AttributeError(f"module 'wsiseg' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -22,7 +22,14 @@ from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 
-from .atomic import MARKER, OutputError, atomic_path, remove_owned, staging_path, write_text_atomic
+from .atomic import (
+    MARKER,
+    OutputError,
+    atomic_path,
+    remove_owned,
+    staging_path,
+    write_text_atomic,
+)
 from .pipeline import SegmentOptions
 
 SLIDE_SUFFIXES = {".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif", ".dcm",
@@ -136,8 +143,8 @@ def settings_fingerprint(model: str, options: dict) -> str:
 def process_slide(slide: str, out_dir: str, model: str, options: dict, device: str = "auto",
                   precision: str = "auto") -> dict:
     """Segment one slide; never raises for a bad slide, returns its manifest entry instead."""
-    from .slide import MppUnknownError, SlideError
     from .pipeline import segment_slide
+    from .slide import MppUnknownError, SlideError
 
     t0 = time.time()
     entry = {"slide": str(slide), "output": str(out_dir), "started": t0, "host": os.uname().nodename,

@@ -227,8 +227,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from .inference import load_predictor
-    from .training import InstanceFolder, evaluate_predictor
+    from .evaluation import evaluate
 
     names = None
     if args.split:
@@ -244,15 +243,25 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     model = args.model or default_model_path()
     if model is None:
         raise ValueError("no default model is bundled with this installation; pass --model")
-    pred = load_predictor(model, device="cpu", score_threshold=args.score_threshold)
-    classes = pred.card.class_names
-    data = InstanceFolder(args.data, names=names, class_names=classes if len(classes) > 1 else None)
-    metrics = evaluate_predictor(pred, data.samples, data.class_names if len(classes) > 1 else ["nucleus"])
-    text = json.dumps(metrics, indent=2)
+    metrics = evaluate(model, args.data, names, args.score_threshold, device=args.device)
+    text = json.dumps(_finite(metrics), indent=2, allow_nan=False)  # NaN (no nuclei of a kind) -> null
     print(text)
     if args.out:
-        Path(args.out).write_text(text)
+        from .atomic import write_text_atomic
+
+        write_text_atomic(args.out, text)
     return 0
+
+
+def _finite(obj):
+    """``obj`` with every non-finite float replaced by None, so that it is valid JSON."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
@@ -348,6 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--names", nargs="*", default=None, help="image names to evaluate")
     p.add_argument("--score-threshold", type=PROB, default=None,
                    help="keep detections scoring at least this (default: the model card's)")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
     p.add_argument("--out", default=None, help="write the metrics JSON here")
     p.set_defaults(func=cmd_evaluate)
 

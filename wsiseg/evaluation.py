@@ -273,3 +273,46 @@ def evaluate_images(gts: list[np.ndarray], preds: list[np.ndarray], gt_classes: 
         out["classification_accuracy"] = correct / total if total else float("nan")
         out["pq_per_class"] = {n: float(np.mean(v)) if v else float("nan") for n, v in per_class_pq.items()}
     return out
+
+
+def evaluate_predictor(pred, val: list, class_names: list[str]) -> dict:
+    """Metrics of any predictor (a model or the threshold baseline) over labelled samples
+    (:class:`wsiseg.datasets.Sample`), tiled as on slides."""
+    import cv2
+
+    from .stitching import min_area_px, segment_array
+
+    card = pred.card
+    gts, preds, gcls, pcls, scores, mpps = [], [], [], [], [], []
+    for s in val:
+        img, lab = s.image, s.instances
+        f = s.mpp / card.mpp
+        if abs(f - 1) > 0.02:
+            img = cv2.resize(img, None, fx=f, fy=f, interpolation=cv2.INTER_LINEAR)
+        labels, cls, sc = segment_array(img, pred, card.tile_size, card.overlap,
+                                        min_area=min_area_px(card.min_area_um2, card.mpp))
+        if labels.shape != lab.shape:
+            labels = cv2.resize(labels, (lab.shape[1], lab.shape[0]), interpolation=cv2.INTER_NEAREST)
+        gts.append(lab)
+        preds.append(labels)
+        gcls.append(s.classes)
+        pcls.append(cls)
+        scores.append(sc)
+        mpps.append(s.mpp)
+    multi = len(class_names) > 1
+    return evaluate_images(gts, preds, gcls if multi else None, pcls if multi else None,
+                           class_names if multi else None, scores, mpps=mpps)
+
+
+def evaluate(model: str, data: str, names: list[str] | None = None, score_threshold: float | None = None,
+             device: str = "auto") -> dict:
+    """Metrics of a model (a ``.safetensors`` file or ``"threshold"``) on an instance-label folder (its images
+    ``names``, or all), tiled as on slides; classes are scored when the model has several."""
+    from .datasets import InstanceFolder
+    from .inference import load_predictor
+
+    pred = load_predictor(model, device=device, score_threshold=score_threshold)
+    classes = pred.card.class_names
+    multi = len(classes) > 1
+    folder = InstanceFolder(data, names=names, class_names=classes if multi else None)
+    return evaluate_predictor(pred, folder.samples, folder.class_names if multi else ["nucleus"])

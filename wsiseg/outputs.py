@@ -19,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .features import FEATURE_COLUMNS
 from .card import ModelCard
+from .features import FEATURE_COLUMNS
 from .stitching import Nucleus
 from .tiling import Tile, TileGrid
 
