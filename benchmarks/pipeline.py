@@ -187,7 +187,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         if args.model is None:
-            from wsiseg.cli import default_model_path
+            from wsiseg.card import default_model_path
 
             args.model = default_model_path() or "r18"
         model = make_model(args.model, tmp)

@@ -11,7 +11,7 @@ import numpy as np
 from conftest import synthetic_he, write_pyramid_tiff
 from PIL import Image
 
-from wsiseg.cli import default_model_path
+from wsiseg.card import default_model_path
 from wsiseg.evaluation import panoptic_quality
 from wsiseg.inference import load_predictor
 from wsiseg.model import load_card
