@@ -56,7 +56,7 @@ def main() -> None:
     args = ap.parse_args()
 
     net, card = load_model(args.model)
-    pred = CachedForward(MaskRCNNPredictor(net, card, select_device("cpu")))
+    pred = CachedForward(MaskRCNNPredictor(net, card, select_device("cpu"), prefilter=False))
     names = json.loads(Path(args.split).read_text())["val"]
     data = InstanceFolder(args.data, names=names)
     rows = []

@@ -169,3 +169,23 @@ def test_heap_trimmer_trims_at_the_watermark_only():
 
     if sys.platform.startswith("linux"):
         assert _rss_bytes() > 0 and _malloc_trim() is not None
+
+
+def test_prefilter_keeps_the_same_detections(data_dir):
+    """Dropping boxes below the score threshold before the mask head changes no detection that is kept."""
+    from PIL import Image
+
+    from wsiseg.card import default_model_path
+    from wsiseg.inference import MaskRCNNPredictor, select_device
+    from wsiseg.model import load_model
+
+    img = np.asarray(Image.open(data_dir / "monuseg-train" / "images" / "TCGA-21-5784-01Z-00-DX1.png").convert("RGB"))
+    tiles = np.stack([img[:256, :256], img[300:556, 500:756]])
+    fast = MaskRCNNPredictor(*load_model(default_model_path()), select_device("cpu", "fp32"))
+    full = MaskRCNNPredictor(*load_model(default_model_path()), select_device("cpu", "fp32"), prefilter=False)
+    assert fast.model.roi_heads.score_thresh == fast.score_threshold > full.model.roi_heads.score_thresh
+    for a, b in zip(fast.predict(tiles), full.predict(tiles)):
+        assert len(a) > 5 and len(a) == len(b)
+        np.testing.assert_array_equal(a.boxes, b.boxes)
+        np.testing.assert_allclose(a.scores, b.scores, rtol=1e-5)
+        assert sum((ma != mb).sum() for ma, mb in zip(a.masks, b.masks)) <= 2

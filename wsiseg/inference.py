@@ -132,11 +132,15 @@ class MaskRCNNPredictor:
     """Runs a torchvision Mask R-CNN on batches of tiles; masks stay as box-sized crops."""
 
     def __init__(self, model: torch.nn.Module, card: ModelCard, device: DeviceConfig | None = None,
-                 score_threshold: float | None = None):
+                 score_threshold: float | None = None, prefilter: bool = True):
         self.card = card
         self.device = device or select_device()
         self.score_threshold = card.score_threshold if score_threshold is None else score_threshold
         self.mask_threshold = 0.5  # mask probability that counts as nucleus
+        if prefilter:
+            # boxes scoring below the threshold would be dropped after the mask head: drop them before it.
+            # NMS and the top-k keep the same boxes above it, so the detections kept are the same
+            model.roi_heads.score_thresh = max(model.roi_heads.score_thresh, self.score_threshold)
         model = model.eval().to(self.device.device)
         if self.device.channels_last:
             model = model.to(memory_format=torch.channels_last)
