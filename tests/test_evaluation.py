@@ -131,3 +131,22 @@ def test_recall_by_area_in_square_microns():
     assert out["recall_by_area_um2"]["0-10"] == {"nuclei": 2, "recall": 0.5}
     assert out["recall_by_area_um2"]["80-inf"]["recall"] == 1.0
     assert out["errors"]["fn_undetected"] == 1
+
+
+def test_f1_per_class_follows_hovernet():
+    """F_c = 2(TP+TN) / (2(TP+TN) + 2FP + 2FN + FP_d + FN_d), counted by hand on a small case."""
+    from wsiseg.evaluation import evaluate_images
+
+    gt = np.zeros((40, 40), np.int32)
+    pred = np.zeros((40, 40), np.int32)
+    gt[2:8, 2:8], pred[2:8, 2:8] = 1, 1          # class 0 -> 0
+    gt[12:18, 2:8], pred[12:18, 2:8] = 2, 2      # class 0 -> 1
+    gt[22:28, 2:8], pred[22:28, 2:8] = 3, 3      # class 1 -> 1
+    gt[32:38, 2:8] = 4                            # class 1, missed
+    pred[2:8, 22:28] = 5                          # predicted class 0 on background
+    m = evaluate_images([gt], [pred], [{1: 0, 2: 0, 3: 1, 4: 1}], [{1: 0, 2: 1, 3: 1, 5: 0}], ["a", "b"],
+                        with_coco=False)
+    # class a: tp 1 (1), tn 1 (3), fp 0, fn 1 (2), fp_d 1 (5), fn_d 0 -> 4 / (4 + 2 + 1)
+    # class b: tp 1 (3), tn 1 (1), fp 1 (2), fn 0, fp_d 0, fn_d 1 (4) -> 4 / (4 + 2 + 1)
+    assert m["f1_per_class"]["a"] == pytest.approx(4 / 7) and m["f1_per_class"]["b"] == pytest.approx(4 / 7)
+    assert m["classification_accuracy"] == pytest.approx(2 / 3)

@@ -209,6 +209,15 @@ def coco_ap(gts: list[np.ndarray], preds: list[np.ndarray], scores: list[dict[in
     return {"AP": float(ev.stats[0]), "AP50": float(ev.stats[1]), "AP75": float(ev.stats[2])}
 
 
+def _f_c(tp: int, tn: int, fp: int, fn: int, fp_d: int, fn_d: int) -> float:
+    """HoVer-Net's per-class F1 (Graham et al. 2019, eq. 13): matched nuclei that agree (tp, tn) against
+    twice the matched ones of the class that disagree (fp, fn) plus the class's unmatched predictions and
+    nuclei (fp_d, fn_d)."""
+    num = 2 * (tp + tn)
+    den = num + 2 * fp + 2 * fn + fp_d + fn_d
+    return num / den if den and (tp + fp + fn + fp_d + fn_d) else float("nan")
+
+
 def evaluate_images(gts: list[np.ndarray], preds: list[np.ndarray], gt_classes: list[dict[int, int]] | None = None,
                     pred_classes: list[dict[int, int]] | None = None, class_names: list[str] | None = None,
                     pred_scores: list[dict[int, float]] | None = None, with_coco: bool = True,
@@ -227,6 +236,8 @@ def evaluate_images(gts: list[np.ndarray], preds: list[np.ndarray], gt_classes: 
     n_bins = len(AREA_BINS_UM2) + 1
     area_n, area_found = np.zeros(n_bins, np.int64), np.zeros(n_bins, np.int64)
     per_class_pq: dict[str, list[float]] = {n: [] for n in (class_names or [])}
+    # HoVer-Net's F_c counts per class: matched pairs (tp, tn, fp, fn) and unmatched predictions/nuclei
+    fc = np.zeros((len(class_names or []), 6), np.int64)
     for k, (g, p) in enumerate(zip(gts, preds)):
         ov = iou_matrix(g, p)
         r = _pq(ov)
@@ -242,7 +253,8 @@ def evaluate_images(gts: list[np.ndarray], preds: list[np.ndarray], gt_classes: 
         if mpps is not None:
             a, b = _area_recall(ov, r, mpps[k])
             area_n, area_found = area_n + a, area_found + b
-        if gt_classes is not None and pred_classes is not None and class_names:
+        if gt_classes is not None and pred_classes is not None and class_names and gt_classes[k]:
+            # (an image whose nuclei have no class labels says nothing about classes)
             gids = np.unique(g)
             gids = gids[gids > 0]
             pids = np.unique(p)
@@ -252,7 +264,27 @@ def evaluate_images(gts: list[np.ndarray], preds: list[np.ndarray], gt_classes: 
                 if gc is None:
                     continue
                 total += 1
-                correct += int(pred_classes[k].get(int(pids[pi]), -1) == gc)
+                pc = pred_classes[k].get(int(pids[pi]), -1)
+                correct += int(pc == gc)
+                for c in range(len(class_names)):
+                    if gc == c and pc == c:
+                        fc[c, 0] += 1
+                    elif gc != c and pc != c:
+                        fc[c, 1] += 1
+                    elif pc == c:
+                        fc[c, 2] += 1
+                    else:
+                        fc[c, 3] += 1
+            matched_g = {int(gids[gi]) for gi, _ in r.pairs}
+            matched_p = {int(pids[pi]) for _, pi in r.pairs}
+            for i in gids:
+                gc = gt_classes[k].get(int(i))
+                if int(i) not in matched_g and gc is not None:
+                    fc[gc, 5] += 1
+            for i in pids:
+                pc = pred_classes[k].get(int(i))
+                if int(i) not in matched_p and pc is not None and 0 <= pc < len(class_names):
+                    fc[pc, 4] += 1
             for c, name in enumerate(class_names):
                 gm = np.isin(g, [i for i in gids if gt_classes[k].get(int(i)) == c]) * g
                 pm = np.isin(p, [i for i in pids if pred_classes[k].get(int(i)) == c]) * p
@@ -272,6 +304,7 @@ def evaluate_images(gts: list[np.ndarray], preds: list[np.ndarray], gt_classes: 
     if class_names and gt_classes is not None:
         out["classification_accuracy"] = correct / total if total else float("nan")
         out["pq_per_class"] = {n: float(np.mean(v)) if v else float("nan") for n, v in per_class_pq.items()}
+        out["f1_per_class"] = {n: _f_c(*fc[c]) for c, n in enumerate(class_names)}
     return out
 
 
