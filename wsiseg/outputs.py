@@ -90,21 +90,15 @@ def mask_polygon(mask: np.ndarray, x0: int, y0: int, scale: float) -> list[list[
     return coords
 
 
-def nucleus_record(n: Nucleus, geom: Geometry, card: ModelCard, pixels: np.ndarray | None = None,
-                   origin: tuple[int, int] = (0, 0)) -> dict:
+def nucleus_record(n: Nucleus, geom: Geometry, card: ModelCard) -> dict:
     """The table row of a nucleus: ids, centroid in level-0 px and µm, area, class, score and features.
 
-    ``pixels`` is the RGB tile the nucleus was found in, with its top-left model
-    pixel at ``origin``; without it the colour features are NaN.
+    The colour features come from the nucleus's own pixels (``n.rgb``, the tile's pixels over its box);
+    without them they are NaN.
     """
     from .features import nucleus_features
 
     rgb = n.rgb if n.rgb is not None and n.rgb.shape[:2] == n.mask.shape else None
-    if rgb is None and pixels is not None:
-        x0, y0 = n.box[0] - origin[0], n.box[1] - origin[1]
-        rgb = pixels[y0 : y0 + n.mask.shape[0], x0 : x0 + n.mask.shape[1]]
-        if rgb.shape[:2] != n.mask.shape:
-            rgb = None
     feats = nucleus_features(n.mask, rgb, geom.model_mpp)
     f = geom.level0_per_model_px
     cx, cy = n.centroid[0] * f, n.centroid[1] * f
