@@ -45,8 +45,10 @@ def real_tiles(card, n: int) -> np.ndarray:
 class StageClock:
     """Wall time of each stage of a torchvision Mask R-CNN forward pass, by forward hooks."""
 
-    STAGES = {"backbone": "backbone.body", "fpn": "backbone.fpn", "rpn": "rpn",
-              "box_head": "roi_heads.box_head", "mask_head": "roi_heads.mask_head"}
+    STAGES = {"transform": "transform", "backbone": "backbone.body", "fpn": "backbone.fpn", "rpn": "rpn",
+              "box_pool": "roi_heads.box_roi_pool", "box_head": "roi_heads.box_head",
+              "box_predictor": "roi_heads.box_predictor", "mask_pool": "roi_heads.mask_roi_pool",
+              "mask_head": "roi_heads.mask_head", "mask_predictor": "roi_heads.mask_predictor"}
 
     def __init__(self, model: torch.nn.Module):
         self.t: dict[str, float] = {k: 0.0 for k in self.STAGES}
@@ -72,9 +74,9 @@ def measure(pred, tiles: np.ndarray, batch: int) -> dict:
     n_det = 0
     for i in range(0, len(tiles), batch):
         t0 = time.perf_counter()
-        raw = pred.forward(tiles[i : i + batch])
+        raw = pred.infer(tiles[i : i + batch])
         t1 = time.perf_counter()
-        dets = pred.postprocess(raw, tiles.shape[1:3])
+        dets = pred.finish(raw, tiles.shape[1:3])
         t_post += time.perf_counter() - t1
         t_fwd += t1 - t0
         n_det += sum(len(d) for d in dets)

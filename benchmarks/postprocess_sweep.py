@@ -38,9 +38,9 @@ class CachedForward:
         key = hashlib.sha1(tiles.tobytes()).hexdigest()
         if key not in self.cache:
             t = time.perf_counter()
-            self.cache[key] = self.inner.forward(tiles)
+            self.cache[key] = self.inner.infer(tiles)
             self.forward_seconds += time.perf_counter() - t
-        return self.inner.postprocess(self.cache[key], tiles.shape[1:3])
+        return self.inner.finish(self.cache[key], tiles.shape[1:3])
 
 
 def main() -> None:

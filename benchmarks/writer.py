@@ -35,7 +35,7 @@ REPO = HERE.parent
 
 def record(slide_path: str, model: str, batch: int = 4):
     """The slide's plan, its tiles' pixels and the model's raw outputs (numpy), in tile order."""
-    from wsiseg.inference import load_predictor, raw_to_numpy
+    from wsiseg.inference import load_predictor
     from wsiseg.slide import open_slide
     from wsiseg.tiling import plan_slide, stream_tiles
 
@@ -49,7 +49,7 @@ def record(slide_path: str, model: str, batch: int = 4):
     raws = []
     t0 = time.perf_counter()
     for i in range(0, len(tiles), batch):
-        raws += raw_to_numpy(pred.forward(np.stack(pixels[i : i + batch])))
+        raws += pred.infer(np.stack(pixels[i : i + batch]))
     forward_s = time.perf_counter() - t0
     return sp, pred.card, pred.score_threshold, pred.mask_threshold, tiles, pixels, raws, forward_s, slide
 

@@ -508,3 +508,37 @@ def test_region_outside_the_slide_is_an_error(tmp_path):
                            str(tmp_path / "o"), "--quiet"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "outside the slide" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_any_object_with_the_predictor_interface_segments_a_slide(tmp_path):
+    """The pipeline needs only the Predictor protocol: a card, thresholds, a device name and ``infer``;
+    raw Mask R-CNN-style output (box, score, M x M mask probabilities) is finished by the writer with the
+    predictor's thresholds."""
+    from wsiseg.detections import RawDetections
+
+    class DiscPredictor:  # no base class
+        card = threshold_card(mpp=0.5, tile_size=128, overlap=32)
+        score_threshold, mask_threshold, device_name = 0.5, 0.5, "test-device"
+
+        def infer(self, tiles):
+            yy, xx = np.mgrid[:28, :28]
+            disc = (((yy - 13.5) ** 2 + (xx - 13.5) ** 2) < 12**2).astype(np.float32)
+            out = []
+            for px in tiles:  # one confident and one unconfident nucleus wherever a tile's centre is dark
+                dark = px[56:72, 56:72].mean() < 200
+                boxes = np.array([[54, 54, 74, 74], [10, 10, 30, 30]], np.float32)[: 2 if dark else 0]
+                out.append(RawDetections(boxes, np.array([0.9, 0.3], np.float32)[: len(boxes)],
+                                         np.zeros(len(boxes), np.int32), np.stack([disc, disc])[: len(boxes)]))
+            return out
+
+        def predict(self, tiles):
+            return [r.finish(tiles.shape[1:3], self.score_threshold) for r in self.infer(tiles)]
+
+    path, _, _ = _slide(tmp_path)
+    pred = DiscPredictor()
+    s = segment_slide(path, pred, tmp_path / "out", SegmentOptions(tissue="whole", writer="thread", progress=False))
+    table = pd.read_parquet(tmp_path / "out" / "synth.nuclei.parquet")
+    assert s["device"] == "test-device" and s["settings"]["score_threshold"] == 0.5
+    assert len(table) == s["nuclei"] > 0
+    assert (table["score"] >= 0.5).all()  # the 0.3 detections were dropped by the writer's finishing step
+    assert table["area_um2"].between(40, 80).all()  # the 28 x 28 disc pasted into its 20 px box (r ≈ 8.6 px)

@@ -31,6 +31,39 @@ class TileDetections:
     def empty(cls) -> TileDetections:
         return cls(np.zeros((0, 4), np.int32), np.zeros(0, np.float32), np.zeros(0, np.int32), [])
 
+    def finish(self, size: tuple[int, int], score_threshold: float, mask_threshold: float = 0.5) -> TileDetections:
+        """The detections scoring at least ``score_threshold`` (these are already pasted and resolved)."""
+        keep = self.scores >= score_threshold
+        if keep.all():
+            return self
+        return TileDetections(self.boxes[keep], self.scores[keep], self.labels[keep],
+                              [m for m, k in zip(self.masks, keep) if k])
+
+
+@dataclass
+class RawDetections:
+    """A tile's detections as a Mask R-CNN gives them, before any threshold: float boxes (x0, y0, x1, y1)
+    in tile pixels, scores, 0-based class indices and M x M mask probabilities, one per box."""
+
+    boxes: np.ndarray  # (n, 4) float32
+    scores: np.ndarray  # (n,) float32
+    labels: np.ndarray  # (n,) int32
+    mask_probs: np.ndarray  # (n, M, M) float32
+
+    def __len__(self) -> int:
+        return len(self.scores)
+
+    def finish(self, size: tuple[int, int], score_threshold: float, mask_threshold: float = 0.5) -> TileDetections:
+        """Thresholded, pasted into their boxes (clipped to a tile of ``size``), overlaps resolved."""
+        keep = self.scores >= score_threshold
+        ib, masks = paste_masks(self.mask_probs[keep], self.boxes[keep], size, mask_threshold)
+        return resolve_overlaps(TileDetections(ib, self.scores[keep].astype(np.float32),
+                                               self.labels[keep].astype(np.int32), masks))
+
+
+ModelOutput = TileDetections | RawDetections
+"""What a predictor hands to the writing side for one tile; ``finish`` turns either into final detections."""
+
 
 def paste_masks(mask_probs: np.ndarray, boxes: np.ndarray, size: tuple[int, int], threshold: float = 0.5):
     """Resize each M x M mask probability map into its box; returns integer boxes and boolean crops.
@@ -106,16 +139,3 @@ def resolve_overlaps(det: TileDetections, min_area: int = 4) -> TileDetections:
     keep = np.asarray(keep)
     return TileDetections(np.asarray(boxes, np.int32), det.scores[keep].astype(np.float32),
                           det.labels[keep].astype(np.int32), masks)
-
-
-def detections_from_raw(raw: dict[str, np.ndarray], size: tuple[int, int], score_threshold: float,
-                        mask_threshold: float = 0.5) -> TileDetections:
-    """A tile's detections from the model's raw output (boxes, scores, 1-based labels, M x M mask
-    probabilities): thresholded, pasted into their boxes, overlaps resolved."""
-    keep = raw["scores"] >= score_threshold
-    boxes = raw["boxes"][keep]
-    scores = raw["scores"][keep].astype(np.float32)
-    labels = (raw["labels"][keep] - 1).astype(np.int32)
-    probs = raw["masks"][keep][:, 0]
-    ib, masks = paste_masks(probs, boxes, size, mask_threshold)
-    return resolve_overlaps(TileDetections(ib, scores, labels, masks))

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from .card import ModelCard
-from .detections import TileDetections, detections_from_raw
+from .detections import ModelOutput, RawDetections, TileDetections
 from .errors import DeviceUnavailableError
 
 
@@ -121,10 +121,20 @@ def _malloc_trim():
 
 
 class Predictor(Protocol):
+    """What the pipeline needs of a model: its card, its thresholds, where it runs, and its outputs per tile."""
+
     card: ModelCard
+    score_threshold: float
+    mask_threshold: float
+    device_name: str
+
+    def infer(self, tiles: np.ndarray) -> list[ModelOutput]:
+        """The model's output for a batch of RGB uint8 tiles (n, h, w, 3), as numpy; the writing side
+        finishes each with ``finish(size, score_threshold, mask_threshold)``."""
+        ...
 
     def predict(self, tiles: np.ndarray) -> list[TileDetections]:
-        """Detections for a batch of RGB uint8 tiles (n, h, w, 3)."""
+        """Final detections for a batch of RGB uint8 tiles (n, h, w, 3)."""
         ...
 
 
@@ -146,6 +156,10 @@ class MaskRCNNPredictor:
             model = model.to(memory_format=torch.channels_last)
         self.model = model
         self.trim_heap = HeapTrimmer()
+
+    @property
+    def device_name(self) -> str:
+        return str(self.device.device)
 
     def to_tensor(self, tiles: np.ndarray) -> torch.Tensor:
         x = torch.from_numpy(np.ascontiguousarray(tiles))
@@ -176,17 +190,22 @@ class MaskRCNNPredictor:
         self.trim_heap()
         return out
 
+    def infer(self, tiles: np.ndarray) -> list[RawDetections]:
+        return raw_detections(self.forward(tiles))
+
     def predict(self, tiles: np.ndarray) -> list[TileDetections]:
-        return self.postprocess(self.forward(tiles), tiles.shape[1:3])
+        return self.finish(self.infer(tiles), tiles.shape[1:3])
 
-    def postprocess(self, raw: list[dict[str, torch.Tensor]], size: tuple[int, int]) -> list[TileDetections]:
+    def finish(self, raw: list[ModelOutput], size: tuple[int, int]) -> list[TileDetections]:
         """Thresholded, box-sized boolean masks with overlaps resolved, per tile."""
-        return [detections_from_raw(d, size, self.score_threshold, self.mask_threshold) for d in raw_to_numpy(raw)]
+        return [r.finish(size, self.score_threshold, self.mask_threshold) for r in raw]
 
 
-def raw_to_numpy(raw: list[dict[str, torch.Tensor]]) -> list[dict[str, np.ndarray]]:
-    """The model's raw output per tile as numpy arrays on the CPU."""
-    return [{k: v.cpu().numpy() for k, v in d.items()} for d in raw]
+def raw_detections(raw: list[dict[str, torch.Tensor]]) -> list[RawDetections]:
+    """torchvision's per-tile output dicts as numpy detections on the CPU (labels 0-based)."""
+    return [RawDetections(d["boxes"].cpu().numpy(), d["scores"].cpu().numpy(),
+                          (d["labels"] - 1).to(torch.int32).cpu().numpy(), d["masks"][:, 0].cpu().numpy())
+            for d in raw]
 
 
 class ThresholdPredictor:
@@ -196,14 +215,21 @@ class ThresholdPredictor:
     it also serves to check that tiling and stitching change nothing.
     """
 
+    device_name = "cpu"
+    mask_threshold = 0.5
+
     def __init__(self, card: ModelCard, min_area: int = 12, smooth: float = 1.0, threshold: float = 0.6):
         self.card = card
+        self.score_threshold = card.score_threshold
         self.threshold = threshold
         self.min_area = min_area
         self.smooth = smooth
 
     def predict(self, tiles: np.ndarray) -> list[TileDetections]:
         return [self._one(t) for t in tiles]
+
+    def infer(self, tiles: np.ndarray) -> list[TileDetections]:
+        return self.predict(tiles)
 
     def _one(self, tile: np.ndarray) -> TileDetections:
         import cv2

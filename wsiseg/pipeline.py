@@ -15,7 +15,7 @@ import numpy as np
 
 from . import __version__
 from .atomic import OutputError, check_replaceable, make_staging, publish, recover
-from .inference import MaskRCNNPredictor, Predictor, raw_to_numpy
+from .inference import Predictor
 from .outputs import Geometry
 from .sink import Timer, WriterSpec, make_sink
 from .slide import open_slide
@@ -110,7 +110,6 @@ def _run(slide_path: Path, predictor: Predictor, tmp_dir: Path, o: SegmentOption
     t0 = timer.add("plan", t0)
     name = slide_path.name
     geom = Geometry(level0_per_model_px=sp.plan.level0_per_model_px, model_mpp=sp.plan.model_mpp, slide_name=name)
-    raw_output = isinstance(predictor, MaskRCNNPredictor)
     tissue_mm2 = sp.tissue.area_mm2(slide.require_mpp())
     classes = [{"name": c.name, "color": list(c.color)} for c in card.classes]
     # what the slide statistics, computed by the writer as it finishes, need to know of the run
@@ -122,8 +121,7 @@ def _run(slide_path: Path, predictor: Predictor, tmp_dir: Path, o: SegmentOption
     spec = WriterSpec(tmp_dir=tmp_dir, stem=slide_path.stem, grid=sp.grid, geom=geom, card=card, zarr=o.zarr,
                       zarr_image_downsample=o.zarr_image_downsample, geojson=o.geojson, table=o.table,
                       on_oversize=o.on_oversize,
-                      score_threshold=predictor.score_threshold if raw_output else card.score_threshold,
-                      mask_threshold=predictor.mask_threshold if raw_output else 0.5,
+                      score_threshold=predictor.score_threshold, mask_threshold=predictor.mask_threshold,
                       stats_run=stats_run if o.stats else None,
                       stats_cell_um=o.density_cell_um, region_wkb=sp.tissue.region_wkb,
                       min_area_um2=card.min_area_um2 if o.min_area_um2 is None else o.min_area_um2)
@@ -158,10 +156,7 @@ def _run(slide_path: Path, predictor: Predictor, tmp_dir: Path, o: SegmentOption
             if batch_tiles and (len(batch_tiles) == o.batch_size or done):
                 t0 = timer.add("read_wait", t0)
                 arr = np.stack(batch_px)
-                if raw_output:
-                    dets = raw_to_numpy(predictor.forward(arr))  # post-processed by the writer
-                else:
-                    dets = predictor.predict(arr)
+                dets = predictor.infer(arr)  # finished by the writer
                 t0 = timer.add("forward", t0)
                 sink.put(batch_tiles, arr, dets)
                 t0 = timer.add("sink_wait", t0)
@@ -214,7 +209,7 @@ def _run(slide_path: Path, predictor: Predictor, tmp_dir: Path, o: SegmentOption
         "tiles_per_s": round(n_tiles / wall, 3) if wall > 0 else None,
         "megapixels_per_s": round(mp / wall, 3) if wall > 0 else None,
         "nuclei_per_s": round(n_nuclei / wall, 2) if wall > 0 else None,
-        "device": str(getattr(getattr(predictor, "device", None), "device", "cpu")),
+        "device": predictor.device_name,
         "platform": platform.platform(),
         "outputs": {k: Path(v).name for k, v in outputs.items()},
         "note": None if n_tiles else "no tissue found: outputs are empty",

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from .card import ModelCard
-from .detections import TileDetections, detections_from_raw
+from .detections import ModelOutput
 from .outputs import GeoJSONWriter, Geometry, TableWriter, ZarrWriter, nucleus_record
 from .stitching import Stitcher, min_area_px
 from .tiling import Tile, TileGrid
@@ -67,8 +67,8 @@ class WriterSpec:
 class SlideWriter:
     """Stitches one slide's tiles and streams its nuclei into the Zarr, GeoJSON and table writers.
 
-    ``add`` takes a batch of tiles with their pixels and either finished
-    :class:`TileDetections` or the model's raw output as numpy arrays.
+    ``add`` takes a batch of tiles with their pixels and the predictor's output for each
+    (:class:`~wsiseg.detections.ModelOutput`), which it finishes with the run's thresholds.
     """
 
     def __init__(self, spec: WriterSpec):
@@ -117,11 +117,10 @@ class SlideWriter:
     def nuclei(self) -> int:
         return int(self.per_class.sum())
 
-    def add(self, tiles: list[Tile], pixels: np.ndarray, dets: list) -> None:
+    def add(self, tiles: list[Tile], pixels: np.ndarray, outputs: list[ModelOutput]) -> None:
         s, t0 = self.spec, time.perf_counter()
-        if dets and not isinstance(dets[0], TileDetections):
-            dets = [detections_from_raw(d, pixels.shape[1:3], s.score_threshold, s.mask_threshold) for d in dets]
-            t0 = self.timer.add("postprocess", t0)
+        dets = [o.finish(pixels.shape[1:3], s.score_threshold, s.mask_threshold) for o in outputs]
+        t0 = self.timer.add("postprocess", t0)
         for tile, px, det in zip(tiles, pixels, dets):
             final = self.stitcher.add(tile, det, px)
             t0 = self.timer.add("stitch", t0)
@@ -215,7 +214,7 @@ class ThreadSink:
         if self.error is not None:
             raise self.error
 
-    def put(self, tiles: list[Tile], pixels: np.ndarray, dets: list) -> None:
+    def put(self, tiles: list[Tile], pixels: np.ndarray, dets: list[ModelOutput]) -> None:
         self._check()
         while True:
             try:
@@ -402,7 +401,7 @@ class ProcessSink:
             except queue.Full:
                 continue
 
-    def put(self, tiles: list[Tile], pixels: np.ndarray, dets: list) -> None:
+    def put(self, tiles: list[Tile], pixels: np.ndarray, dets: list[ModelOutput]) -> None:
         self._send((tiles, pixels, dets))
 
     def close(self) -> dict:
