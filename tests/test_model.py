@@ -8,7 +8,7 @@ import torch
 from helpers_model import tiny_model
 
 from wsiseg.detections import TileDetections, fill_holes, paste_masks, resolve_overlaps
-from wsiseg.inference import MaskRCNNPredictor, select_device
+from wsiseg.inference import MaskRCNNPredictor, infer_batches, select_device
 from wsiseg.model import ModelConfig, ModelLoadError, build_model, load_card, load_model
 
 
@@ -76,6 +76,57 @@ def test_select_device_cpu():
         with pytest.raises(RuntimeError, match="CUDA is not available"):
             select_device("cuda")
         assert select_device("auto").device.type == "cpu"
+
+
+def test_infer_batches_runs_streams_at_once_and_keeps_the_order():
+    import threading
+    import time
+
+    class Slow:
+        streams = 2
+
+        def __init__(self):
+            self.running = self.most = 0
+            self.lock = threading.Lock()
+            self.threads_seen = set()
+
+        def infer(self, tiles):
+            with self.lock:
+                self.running += 1
+                self.most = max(self.most, self.running)
+            self.threads_seen.add(torch.get_num_threads())
+            time.sleep(0.05 if int(tiles[0, 0, 0, 0]) % 2 else 0.01)  # odd batches finish last
+            with self.lock:
+                self.running -= 1
+            return [int(tiles[0, 0, 0, 0])]
+
+    before = torch.get_num_threads()
+    p = Slow()
+    batches = ((k, np.full((1, 2, 2, 3), k, np.uint8)) for k in range(9))
+    got = [(k, out) for k, _, out in infer_batches(p, batches)]
+    assert got == [(k, [k]) for k in range(9)]
+    assert p.most == 2 and p.threads_seen == {max(1, before // 2)}
+    assert torch.get_num_threads() == before  # restored
+    p.streams = 1
+    assert [k for k, _, _ in infer_batches(p, ((k, np.full((1, 2, 2, 3), k, np.uint8)) for k in range(3)))] == [0, 1, 2]
+    assert p.most == 2 and torch.get_num_threads() == before
+
+
+def test_two_cpu_streams_give_the_same_detections_as_one(tmp_path):
+    import dataclasses
+
+    path, _, _ = tiny_model(tmp_path)
+    model, card = load_model(path)
+    one = MaskRCNNPredictor(model, card, dataclasses.replace(select_device("cpu", "fp32"), streams=1))
+    two = MaskRCNNPredictor(model, card, dataclasses.replace(select_device("cpu", "fp32"), streams=2))
+    tiles = (np.random.default_rng(0).random((6, 128, 128, 3)) * 255).astype(np.uint8)
+    batches = [(i, tiles[i : i + 2]) for i in range(0, 6, 2)]
+    a = [out for _, _, out in infer_batches(one, batches)]
+    b = [out for _, _, out in infer_batches(two, batches)]
+    for xa, xb in zip(a, b):
+        for ra, rb in zip(xa, xb):
+            np.testing.assert_allclose(ra.boxes, rb.boxes, atol=0.5)
+            np.testing.assert_allclose(ra.scores, rb.scores, atol=0.02)
 
 
 def test_predictor_outputs_tile_detections(tmp_path):
@@ -176,7 +227,7 @@ def test_prefilter_keeps_the_same_detections(data_dir):
     from PIL import Image
 
     from wsiseg.card import default_model_path
-    from wsiseg.inference import MaskRCNNPredictor, select_device
+    from wsiseg.inference import MaskRCNNPredictor, infer_batches, select_device
     from wsiseg.model import load_model
 
     img = np.asarray(Image.open(data_dir / "monuseg-train" / "images" / "TCGA-21-5784-01Z-00-DX1.png").convert("RGB"))

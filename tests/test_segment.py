@@ -518,7 +518,7 @@ def test_any_object_with_the_predictor_interface_segments_a_slide(tmp_path):
 
     class DiscPredictor:  # no base class
         card = threshold_card(mpp=0.5, tile_size=128, overlap=32)
-        score_threshold, mask_threshold, device_name = 0.5, 0.5, "test-device"
+        score_threshold, mask_threshold, device_name, streams = 0.5, 0.5, "test-device", 1
 
         def infer(self, tiles):
             yy, xx = np.mgrid[:28, :28]

@@ -15,11 +15,12 @@ import numpy as np
 
 from . import __version__
 from .atomic import OutputError, check_replaceable, make_staging, publish, recover
-from .inference import Predictor
+from .inference import Predictor, infer_batches
 from .outputs import Geometry
-from .sink import Timer, WriterSpec, make_sink
+from .sink import WriterSpec, make_sink
 from .slide import open_slide
 from .tiling import plan_slide, stream_tiles
+from .timing import Timer
 from .tissue import TissueMask
 
 
@@ -91,6 +92,21 @@ def segment_slide(slide_path: str | os.PathLike, predictor: Predictor, out_dir: 
         raise
 
 
+def _batches(stream, size: int, timer: Timer):
+    """``(tiles, pixels)`` batches of up to ``size`` tiles from a tile stream, timing the waits for tiles."""
+    tiles, pixels = [], []
+    for tile, px in stream:
+        tiles.append(tile)
+        pixels.append(px)
+        if len(tiles) == size:
+            timer.lap("read_wait")
+            yield tiles, np.stack(pixels)
+            tiles, pixels = [], []
+    if tiles:
+        timer.lap("read_wait")
+        yield tiles, np.stack(pixels)
+
+
 def _write_tissue_png(path: Path, mask: np.ndarray) -> None:
     import cv2
 
@@ -142,30 +158,17 @@ def _run(slide_path: Path, predictor: Predictor, tmp_dir: Path, o: SegmentOption
         progress = tqdm(total=n_tiles, desc=name, unit="tile", dynamic_ncols=True, disable=None)
     stream = stream_tiles(slide, sp.plan, sp.grid, workers=o.workers, prefetch=max(o.prefetch, o.batch_size))
     sink = make_sink(spec, o.writer)
-    t0 = timer.add("start_writer", t0)
+    timer.add("start_writer", t0)
     try:
-        batch_tiles, batch_px = [], []
-        done = False
-        while not done:
-            try:
-                tile, px = next(stream)
-                batch_tiles.append(tile)
-                batch_px.append(px)
-            except StopIteration:
-                done = True
-            if batch_tiles and (len(batch_tiles) == o.batch_size or done):
-                t0 = timer.add("read_wait", t0)
-                arr = np.stack(batch_px)
-                dets = predictor.infer(arr)  # finished by the writer
-                t0 = timer.add("forward", t0)
-                sink.put(batch_tiles, arr, dets)
-                t0 = timer.add("sink_wait", t0)
-                if progress is not None:
-                    progress.update(len(batch_tiles))
-                    progress.set_postfix(nuclei=sink.nuclei, refresh=False)
-                batch_tiles, batch_px = [], []
+        for tiles, arr, outs in infer_batches(predictor, _batches(stream, o.batch_size, timer)):
+            timer.lap("forward")
+            sink.put(tiles, arr, outs)  # finished by the writer
+            timer.lap("sink_wait")
+            if progress is not None:
+                progress.update(len(tiles))
+                progress.set_postfix(nuclei=sink.nuclei, refresh=False)
         written = sink.close()
-        timer.add("finalize", t0)
+        timer.lap("finalize")
     finally:
         sink.stop()
         stream.close()

@@ -28,18 +28,7 @@ from .detections import ModelOutput
 from .outputs import GeoJSONWriter, Geometry, TableWriter, ZarrWriter, nucleus_record
 from .stitching import Stitcher, min_area_px
 from .tiling import Tile, TileGrid
-
-
-class Timer:
-    """Seconds spent per named stage."""
-
-    def __init__(self) -> None:
-        self.totals: dict[str, float] = {}
-
-    def add(self, name: str, t0: float) -> float:
-        t = time.perf_counter()
-        self.totals[name] = self.totals.get(name, 0.0) + t - t0
-        return t
+from .timing import Timer
 
 
 @dataclass

@@ -267,7 +267,9 @@ def _plots(st: SlideStats, colors: dict[str, tuple[int, int, int]]) -> dict[str,
         ax.set_title(f)
         ax.set_ylabel("fraction")
         if st.acc["all"][f].n:
-            ax.set_xlim(lo, min(hi, st.acc["all"][f].quantile(0.995) * 1.2 if f != "orientation_deg" else hi))
+            top = min(hi, st.acc["all"][f].quantile(0.995) * 1.2 if f != "orientation_deg" else hi)
+            if top > lo:  # identical nuclei (all at the range's start) keep the whole range
+                ax.set_xlim(lo, top)
     if axes[0, 0].get_legend_handles_labels()[0]:
         axes[0, 0].legend(fontsize=8)
     # fixed margins: tight_layout draws every tick label twice and costs more than the plots
