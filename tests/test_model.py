@@ -227,7 +227,7 @@ def test_prefilter_keeps_the_same_detections(data_dir):
     from PIL import Image
 
     from wsiseg.card import default_model_path
-    from wsiseg.inference import MaskRCNNPredictor, infer_batches, select_device
+    from wsiseg.inference import MaskRCNNPredictor, select_device
     from wsiseg.model import load_model
 
     img = np.asarray(Image.open(data_dir / "monuseg-train" / "images" / "TCGA-21-5784-01Z-00-DX1.png").convert("RGB"))
