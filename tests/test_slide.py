@@ -38,7 +38,7 @@ def test_jpeg2000_svs_without_mpp(slides_dir):
     assert s.level_count == 2
     assert s.level_dimensions[0] == (4443, 3567)
     assert s.mpp is None
-    with pytest.raises(MppUnknownError, match="--mpp") as err:
+    with pytest.raises(MppUnknownError, match="microns per pixel") as err:
         s.require_mpp()
     assert "TCGA-CR-7395" in str(err.value)
     s2 = open_slide(path, mpp=0.5)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import sys
 from collections.abc import Sequence
@@ -197,7 +198,8 @@ def cmd_batch(args: argparse.Namespace) -> int:
                           zarr=not args.no_zarr, stats=not args.no_stats)
 
     def report(name: str, entry: dict) -> None:
-        extra = f"{entry.get('nuclei')} nuclei" if entry["status"] == "done" else (entry.get("error") or entry.get("reason"))
+        extra = (f"{entry.get('nuclei')} nuclei" if entry["status"] == "done" else
+                 _with_hint(entry.get("error") or entry.get("reason"), BATCH_HINTS.get(entry.get("reason"), "")))
         print(f"[{entry['status']}] {name}: {extra} ({entry.get('wall_s', 0):.1f} s)", flush=True)
 
     manifest = run_batch(slides, args.out, model, opts, workers=args.workers, scheduler=args.scheduler,
@@ -376,18 +378,45 @@ EXIT_SCHEDULER = 5  # the Dask scheduler cannot be reached
 EXIT_INTERNAL = 70  # a bug of wsiseg's: please report it with --debug's traceback
 
 
+# the command-line options that answer an error or warning the library raises in its own terms
+HINTS = {
+    "NucleusTooLargeError": "[options: --overlap N, or --on-oversize drop]",
+    "MppUnknownError": "[option: --mpp, e.g. --mpp 0.25 for 40x]",
+    "OutputExistsError": "[option: --overwrite]",
+    "WriterProcessError": "[option: --writer thread]",
+    "tissue='whole'": "[option: --whole-slide]",
+}
+
+
+BATCH_HINTS = {"no_mpp": "MppUnknownError"}
+
+
+def _with_hint(message: str, kind: str) -> str:
+    hint = HINTS.get(kind)
+    return f"{message} {hint}" if hint else message
+
+
+class _WarningHandler(logging.Handler):
+    """The library's warnings on stderr, one line each, with the option that answers them."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        msg = record.getMessage()
+        hint = next((h for k, h in HINTS.items() if k in msg), None)
+        print(f"wsiseg: warning: {msg}" + (f" {hint}" if hint else ""), file=sys.stderr)
+
+
 def _exit_code(exc: BaseException) -> tuple[int, str]:
     import errno
 
     from .errors import DeviceUnavailableError, SchedulerUnreachableError
 
     if isinstance(exc, NucleusTooLargeError):
-        return EXIT_USAGE, f"{exc} [options: --overlap N, or --on-oversize drop]"
+        return EXIT_USAGE, _with_hint(str(exc), "NucleusTooLargeError")
     if isinstance(exc, (SlideError, ValueError, FileNotFoundError, FileExistsError, ModelLoadError,
                         NucleusTooLargeError, NotADirectoryError, IsADirectoryError)):
-        return EXIT_USAGE, str(exc)
+        return EXIT_USAGE, _with_hint(str(exc), type(exc).__name__)
     if isinstance(exc, WriterProcessError):
-        return EXIT_FAILED, str(exc)
+        return EXIT_FAILED, _with_hint(str(exc), "WriterProcessError")
     if isinstance(exc, DeviceUnavailableError):
         return EXIT_DEVICE, str(exc)
     if isinstance(exc, SchedulerUnreachableError):
@@ -406,6 +435,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     debug = "--debug" in argv  # accepted anywhere on the line
     args = parser.parse_args([a for a in argv if a != "--debug"])
     args.debug = debug
+    log = logging.getLogger("wsiseg")
+    if not any(isinstance(h, _WarningHandler) for h in log.handlers):
+        log.addHandler(_WarningHandler(logging.WARNING))
+        log.propagate = False
     try:
         return args.func(args)
     except KeyboardInterrupt:

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import platform
 import shutil
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +47,9 @@ class SegmentOptions:
     min_area_um2: float | None = None  # default: the model card's
 
 
+log = logging.getLogger("wsiseg")
+
+
 class OutputExistsError(OutputError):
     pass
 
@@ -78,7 +81,7 @@ def segment_slide(slide_path: str | os.PathLike, predictor: Predictor, out_dir: 
     inputs = [Path(slide_path)] + ([Path(o.tissue)] if o.tissue not in ("detect", "whole") else [])
     recover(out_dir)
     if (out_dir.exists() or out_dir.is_symlink()) and not o.overwrite:
-        raise OutputExistsError(f"{out_dir}: output folder exists (pass --overwrite to replace it)")
+        raise OutputExistsError(f"{out_dir}: output folder exists (overwrite=True replaces it)")
     check_replaceable(out_dir, inputs)
     tmp_dir = make_staging(out_dir, "segment")
     try:
@@ -148,9 +151,9 @@ def _run(slide_path: Path, predictor: Predictor, tmp_dir: Path, o: SegmentOption
                         "validated with; accuracy may differ")
     if not n_tiles and sp.tissue.source == "detected":
         warnings.append("no tissue was detected; for a small crop or an image that is all tissue, analyse the "
-                        "whole image (--whole-slide)")
+                        "whole image (tissue='whole')")
     for w in warnings:
-        print(f"wsiseg: warning: {w}", file=sys.stderr)
+        log.warning(w)
     progress = None
     if o.progress:
         from tqdm import tqdm

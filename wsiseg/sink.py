@@ -367,7 +367,7 @@ class ProcessSink:
                     raise WriterProcessError(
                         f"the writer process stopped (exit code {self.proc.exitcode}) without finishing the outputs; "
                         "its own error, if it had one, is printed above (a script that calls segment_slide needs an "
-                        "'if __name__ == \"__main__\":' guard; --writer thread avoids the process)"
+                        "'if __name__ == \"__main__\":' guard; writer='thread' avoids the process)"
                     ) from None
             else:
                 return

@@ -62,7 +62,7 @@ class Slide:
         self.path = str(path)
         self._mpp_override = None if mpp is None else float(mpp)
         if self._mpp_override is not None and not self._mpp_override > 0:
-            raise SlideError(f"{self.path}: --mpp must be positive, got {mpp}")
+            raise SlideError(f"{self.path}: mpp must be positive, got {mpp}")
         self._local = threading.local()
         self.properties = self._read_properties()
 
@@ -126,7 +126,7 @@ class Slide:
         if mpp is None:
             raise MppUnknownError(
                 f"{self.path}: the file records no microns-per-pixel; "
-                "pass the scan resolution with --mpp (for example --mpp 0.25 for 40x)"
+                "give the scan resolution in microns per pixel (mpp; 0.25 for 40x, 0.5 for 20x)"
             )
         return mpp
 
