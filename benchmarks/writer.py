@@ -57,14 +57,11 @@ def record(slide_path: str, model: str, batch: int = 4):
 def replay(args) -> dict:
     """One replay through a SlideWriter; returns its counts and stage timings."""
     sp, card, score_t, mask_t, tiles, pixels, raws, slide_info, batch = args
-    from wsiseg.outputs import Geometry
     from wsiseg.sink import SlideWriter, WriterSpec
 
     with tempfile.TemporaryDirectory() as tmp:
-        geom = Geometry(level0_per_model_px=sp.plan.level0_per_model_px, model_mpp=sp.plan.model_mpp,
-                        slide_name=slide_info["name"])
         run = {**slide_info["run"], "tissue_mask": sp.tissue.mask, "tissue_downsample": sp.tissue.downsample}
-        spec = WriterSpec(tmp_dir=Path(tmp), stem="replay", grid=sp.grid, geom=geom, card=card,
+        spec = WriterSpec(tmp_dir=Path(tmp), stem="replay", grid=sp.grid, plan=sp.plan, slide_name=slide_info["name"], card=card,
                           score_threshold=score_t, mask_threshold=mask_t, stats_run=run)
         t0 = time.perf_counter()
         w = SlideWriter(spec)

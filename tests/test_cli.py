@@ -89,15 +89,14 @@ import numpy as np
 from pathlib import Path
 from wsiseg.card import ModelCard, default_classes, ModelConfig
 from wsiseg.detections import TileDetections
-from wsiseg.outputs import Geometry
 from wsiseg.sink import SlideWriter, WriterSpec
-from wsiseg.tiling import make_grid
+from wsiseg.tiling import ReadPlan, make_grid
 grid = make_grid(300, 300, 256, 64)
 card = ModelCard("t", default_classes(["nucleus"]), 0.25, 256, 64, config=ModelConfig(num_classes=1))
 out = Path({str(tmp_path)!r})
 run = {{"slide": "s.tif", "slide_dimensions": [300, 300], "slide_mpp": 0.25, "tissue_area_mm2": 0.005,
         "model": "t", "classes": [{{"name": "nucleus", "color": [1, 2, 3]}}]}}
-w = SlideWriter(WriterSpec(out, "s", grid, Geometry(1.0, 0.25, "s.tif"), card, stats_run=run))
+w = SlideWriter(WriterSpec(out, "s", grid, ReadPlan(0, 1.0, 0.25, 0.25, 1.0), "s.tif", card, stats_run=run))
 img, lab = synthetic_he(300, 300, seed=1, n_nuclei=20)
 for t in grid.tiles:
     px = np.full((1, 256, 256, 3), 255, np.uint8)

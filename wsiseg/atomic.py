@@ -153,18 +153,36 @@ def publish(staging: str | os.PathLike, final: str | os.PathLike,
         shutil.rmtree(aside, ignore_errors=True)
 
 
+def temporary_name(path: str | os.PathLike) -> Path:
+    """The hidden name beside ``path`` that a file or folder is written under until it is complete."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.{os.getpid()}.partial")
+
+
+def commit(tmp: str | os.PathLike, path: str | os.PathLike) -> None:
+    """Move the complete ``tmp`` (a file, or a folder the caller wrote) to ``path``, replacing a file there."""
+    with signals_held():
+        os.replace(tmp, path)
+
+
+def discard(tmp: str | os.PathLike) -> None:
+    """Remove an unfinished ``tmp`` (file or folder), if it is there."""
+    tmp = Path(tmp)
+    if tmp.is_dir() and not tmp.is_symlink():
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        tmp.unlink(missing_ok=True)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """A temporary name beside ``path`` to write to; renamed to ``path`` when the block ends without error."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    tmp = temporary_name(path)
     try:
         yield tmp
-        with signals_held():
-            os.replace(tmp, path)
+        commit(tmp, path)
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        discard(tmp)
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:

@@ -1,7 +1,7 @@
 """Streaming writers: OME-Zarr labels, QuPath GeoJSON, the per-nucleus table.
 
-Every writer writes to a temporary name and renames on ``close()``; a run
-that stops early leaves only ``*.partial`` names behind.
+Every writer writes to a hidden temporary name and renames on ``close()``
+(``wsiseg.atomic``); a run that stops early leaves only ``.*.partial`` names behind.
 """
 
 from __future__ import annotations
@@ -12,47 +12,23 @@ import io
 import json
 import math
 import os
-import shutil
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from .atomic import commit, discard, temporary_name
 from .card import ModelCard
 from .features import FEATURE_COLUMNS
 from .stitching import Nucleus
-from .tiling import Tile, TileGrid
+from .tiling import ReadPlan, Tile, TileGrid
 
 UUID_NAMESPACE = uuid.UUID("2f1b6a8e-8c1e-4f55-9a53-3c1f7b7d9e01")
-
-
-@dataclass(frozen=True)
-class Geometry:
-    """Maps model pixels to the slide's level-0 pixels and to microns."""
-
-    level0_per_model_px: float
-    model_mpp: float
-    slide_name: str
-
-    @property
-    def level0_mpp(self) -> float:
-        return self.model_mpp / self.level0_per_model_px
 
 
 def nucleus_uuid(slide_name: str, nucleus_id: int) -> str:
     """A UUID that is the same for the same nucleus id of the same slide in every run."""
     return str(uuid.uuid5(UUID_NAMESPACE, f"{slide_name}/{nucleus_id}"))
-
-
-def _partial(path: Path) -> Path:
-    return path.with_name(path.name + ".partial")
-
-
-def _finish(tmp: Path, final: Path) -> None:
-    if final.exists():
-        shutil.rmtree(final) if final.is_dir() else final.unlink()
-    os.replace(tmp, final)
 
 
 # --------------------------------------------------------------------- polygons
@@ -90,7 +66,7 @@ def mask_polygon(mask: np.ndarray, x0: int, y0: int, scale: float) -> list[list[
     return coords
 
 
-def nucleus_record(n: Nucleus, geom: Geometry, card: ModelCard) -> dict:
+def nucleus_record(n: Nucleus, plan: ReadPlan, slide_name: str, card: ModelCard) -> dict:
     """The table row of a nucleus: ids, centroid in level-0 px and µm, area, class, score and features.
 
     The colour features come from the nucleus's own pixels (``n.rgb``, the tile's pixels over its box);
@@ -99,18 +75,18 @@ def nucleus_record(n: Nucleus, geom: Geometry, card: ModelCard) -> dict:
     from .features import nucleus_features
 
     rgb = n.rgb if n.rgb is not None and n.rgb.shape[:2] == n.mask.shape else None
-    feats = nucleus_features(n.mask, rgb, geom.model_mpp)
-    f = geom.level0_per_model_px
+    feats = nucleus_features(n.mask, rgb, plan.model_mpp)
+    f = plan.level0_per_model_px
     cx, cy = n.centroid[0] * f, n.centroid[1] * f
     cls = card.classes[n.label] if 0 <= n.label < len(card.classes) else None
     return {
         "id": n.id,
-        "uuid": nucleus_uuid(geom.slide_name, n.id),
+        "uuid": nucleus_uuid(slide_name, n.id),
         "centroid_x_px": round(cx, 2),
         "centroid_y_px": round(cy, 2),
-        "centroid_x_um": round(cx * geom.level0_mpp, 3),
-        "centroid_y_um": round(cy * geom.level0_mpp, 3),
-        "area_um2": round(n.area * geom.model_mpp**2, 3),
+        "centroid_x_um": round(cx * plan.level0_mpp, 3),
+        "centroid_y_um": round(cy * plan.level0_mpp, 3),
+        "area_um2": round(n.area * plan.model_mpp**2, 3),
         "class_id": n.label + 1,
         "class_name": cls.name if cls else "unknown",
         "score": round(float(n.score), 4),
@@ -126,19 +102,19 @@ def nucleus_record(n: Nucleus, geom: Geometry, card: ModelCard) -> dict:
 class GeoJSONWriter:
     """A QuPath-readable FeatureCollection of detections, written one feature at a time."""
 
-    def __init__(self, path: str | os.PathLike, geom: Geometry, card: ModelCard):
+    def __init__(self, path: str | os.PathLike, plan: ReadPlan, card: ModelCard):
         self.path = Path(path)
-        self.tmp = _partial(self.path)
-        self.geom, self.card = geom, card
+        self.tmp = temporary_name(self.path)
+        self.plan, self.card = plan, card
         raw = open(self.tmp, "wb")
         self._raw = raw
-        self._gz = gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=6, mtime=0) if self.path.suffix == ".gz" else None
+        self._gz = gzip.GzipFile(filename=self.path.name, fileobj=raw, mode="wb", compresslevel=6, mtime=0) if self.path.suffix == ".gz" else None
         self._f = io.TextIOWrapper(self._gz or raw, encoding="utf-8")
         self._f.write('{"type":"FeatureCollection","features":[\n')
         self.count = 0
 
     def write(self, n: Nucleus, record: dict) -> None:
-        coords = mask_polygon(n.mask, n.box[0], n.box[1], self.geom.level0_per_model_px)
+        coords = mask_polygon(n.mask, n.box[0], n.box[1], self.plan.level0_per_model_px)
         if coords is None:
             return
         cls = self.card.classes[n.label] if 0 <= n.label < len(self.card.classes) else None
@@ -170,14 +146,14 @@ class GeoJSONWriter:
         if self._gz is not None:
             self._gz.close()
         self._raw.close()
-        _finish(self.tmp, self.path)
+        commit(self.tmp, self.path)
         return self.path
 
     def abort(self) -> None:
         try:
             self._raw.close()
         finally:
-            self.tmp.unlink(missing_ok=True)
+            discard(self.tmp)
 
 
 # ------------------------------------------------------------------------ table
@@ -197,7 +173,7 @@ class TableWriter:
 
     def __init__(self, path: str | os.PathLike, batch: int = 50_000):
         self.path = Path(path)
-        self.tmp = _partial(self.path)
+        self.tmp = temporary_name(self.path)
         self.batch = batch
         self.count = 0
         self.kind = "csv" if self.path.suffix == ".csv" else "parquet"
@@ -263,7 +239,7 @@ class TableWriter:
             self._fh.close()
         else:
             self._writer.close()
-        _finish(self.tmp, self.path)
+        commit(self.tmp, self.path)
         return self.path
 
     def abort(self) -> None:
@@ -273,7 +249,7 @@ class TableWriter:
             elif self._writer is not None:
                 self._writer.close()
         finally:
-            self.tmp.unlink(missing_ok=True)
+            discard(self.tmp)
 
 
 # ---------------------------------------------------------------------- OME-Zarr
@@ -383,16 +359,15 @@ class ZarrWriter:
     bordering unfinished tiles are held in memory.
     """
 
-    def __init__(self, path: str | os.PathLike, grid: TileGrid, geom: Geometry, card: ModelCard,
+    def __init__(self, path: str | os.PathLike, grid: TileGrid, plan: ReadPlan, card: ModelCard, slide_name: str,
                  chunk: int = 512, image_downsample: int = 4):
         import zarr
         from zarr.codecs import BloscCodec
 
         self.path = Path(path)
-        self.tmp = _partial(self.path)
-        if self.tmp.exists():
-            shutil.rmtree(self.tmp)
-        self.grid, self.geom, self.card = grid, geom, card
+        self.tmp = temporary_name(self.path)
+        discard(self.tmp)
+        self.grid, self.plan, self.card, self.slide_name = grid, plan, card, slide_name
         self.chunk = chunk
         # each tile rewrites the preview chunk it falls in: small chunks keep that cheap
         self.preview_chunk = max(64, chunk // 2)
@@ -529,18 +504,18 @@ class ZarrWriter:
         self._pyramid(self.images, "area")
         self._pyramid(self.nuclei, "nearest")
         self._pyramid(self.classes, "nearest")
-        mpp = self.geom.model_mpp
+        mpp = self.plan.model_mpp
         self.root.attrs["ome"] = {
             "version": "0.5",
-            "multiscales": _multiscales(f"{self.geom.slide_name} (preview)", self.image_levels, mpp, self.d, "area"),
+            "multiscales": _multiscales(f"{self.slide_name} (preview)", self.image_levels, mpp, self.d, "area"),
             "omero": {
                 "channels": [{"label": c, "color": col, "window": {"min": 0, "max": 255, "start": 0, "end": 255},
                               "active": True} for c, col in zip("RGB", ("FF0000", "00FF00", "0000FF"))],
                 "rdefs": {"model": "color"},
             },
         }
-        self.root.attrs["wsiseg"] = {"slide": self.geom.slide_name, "model": self.card.name,
-                                     "level0_per_label_px": self.geom.level0_per_model_px}
+        self.root.attrs["wsiseg"] = {"slide": self.slide_name, "model": self.card.name,
+                                     "level0_per_label_px": self.plan.level0_per_model_px}
         self.root["labels"].attrs["ome"] = {"version": "0.5", "labels": ["nuclei", "classes"]}
         self.nuclei_grp.attrs["ome"] = {
             "version": "0.5",
@@ -557,8 +532,8 @@ class ZarrWriter:
                 "properties": [{"label-value": i + 1, "class": c.name} for i, c in enumerate(self.card.classes)],
             },
         }
-        _finish(self.tmp, self.path)
+        commit(self.tmp, self.path)
         return self.path
 
     def abort(self) -> None:
-        shutil.rmtree(self.tmp, ignore_errors=True)
+        discard(self.tmp)

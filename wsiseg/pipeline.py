@@ -16,7 +16,6 @@ import numpy as np
 from . import __version__
 from .atomic import OutputError, check_replaceable, make_staging, publish, recover
 from .inference import Predictor, infer_batches
-from .outputs import Geometry
 from .sink import WriterSpec, make_sink
 from .slide import open_slide
 from .tiling import plan_slide, stream_tiles
@@ -128,7 +127,6 @@ def _run(slide_path: Path, predictor: Predictor, tmp_dir: Path, o: SegmentOption
     sp = plan_slide(slide, card.mpp, tile_size, overlap, tissue=_tissue(slide, o.tissue))
     t0 = timer.add("plan", t0)
     name = slide_path.name
-    geom = Geometry(level0_per_model_px=sp.plan.level0_per_model_px, model_mpp=sp.plan.model_mpp, slide_name=name)
     tissue_mm2 = sp.tissue.area_mm2(slide.require_mpp())
     classes = [{"name": c.name, "color": list(c.color)} for c in card.classes]
     # what the slide statistics, computed by the writer as it finishes, need to know of the run
@@ -137,8 +135,8 @@ def _run(slide_path: Path, predictor: Predictor, tmp_dir: Path, o: SegmentOption
                  "started": started, "classes": classes, "tissue_mask": sp.tissue.mask,
                  "tissue_downsample": sp.tissue.downsample}
     _write_tissue_png(tmp_dir / "tissue.png", sp.tissue.mask)
-    spec = WriterSpec(tmp_dir=tmp_dir, stem=slide_path.stem, grid=sp.grid, geom=geom, card=card, zarr=o.zarr,
-                      zarr_image_downsample=o.zarr_image_downsample, geojson=o.geojson, table=o.table,
+    spec = WriterSpec(tmp_dir=tmp_dir, stem=slide_path.stem, grid=sp.grid, plan=sp.plan, slide_name=name, card=card,
+                      zarr=o.zarr, zarr_image_downsample=o.zarr_image_downsample, geojson=o.geojson, table=o.table,
                       on_oversize=o.on_oversize,
                       score_threshold=predictor.score_threshold, mask_threshold=predictor.mask_threshold,
                       stats_run=stats_run if o.stats else None,

@@ -25,9 +25,9 @@ import numpy as np
 
 from .card import ModelCard
 from .detections import ModelOutput
-from .outputs import GeoJSONWriter, Geometry, TableWriter, ZarrWriter, nucleus_record
+from .outputs import GeoJSONWriter, TableWriter, ZarrWriter, nucleus_record
 from .stitching import Stitcher, min_area_px
-from .tiling import Tile, TileGrid
+from .tiling import ReadPlan, Tile, TileGrid
 from .timing import Timer
 
 
@@ -38,7 +38,8 @@ class WriterSpec:
     tmp_dir: Path
     stem: str
     grid: TileGrid
-    geom: Geometry
+    plan: ReadPlan
+    slide_name: str  # the nucleus UUIDs are derived from it
     card: ModelCard
     zarr: bool = True
     zarr_image_downsample: int = 4
@@ -68,11 +69,11 @@ class SlideWriter:
         self.zw = self.gj = None
         try:
             if spec.zarr:
-                self.zw = ZarrWriter(spec.tmp_dir / f"{spec.stem}.ome.zarr", spec.grid, spec.geom, spec.card,
+                self.zw = ZarrWriter(spec.tmp_dir / f"{spec.stem}.ome.zarr", spec.grid, spec.plan, spec.card, spec.slide_name,
                                      image_downsample=spec.zarr_image_downsample)
                 self.writers.append(self.zw)
             if spec.geojson != "none":
-                self.gj = GeoJSONWriter(spec.tmp_dir / f"{spec.stem}.{spec.geojson}", spec.geom, spec.card)
+                self.gj = GeoJSONWriter(spec.tmp_dir / f"{spec.stem}.{spec.geojson}", spec.plan, spec.card)
                 self.writers.append(self.gj)
             self.tw = TableWriter(spec.tmp_dir / f"{spec.stem}.nuclei.{spec.table}")
             self.writers.append(self.tw)
@@ -80,7 +81,7 @@ class SlideWriter:
             self.abort()
             raise
         self.stitcher = Stitcher(spec.grid, on_oversize=spec.on_oversize,
-                                 min_area=min_area_px(spec.min_area_um2, spec.geom.model_mpp))
+                                 min_area=min_area_px(spec.min_area_um2, spec.plan.model_mpp))
         self.region = None
         self.outside_region = 0
         self.next_id = 1
@@ -96,7 +97,7 @@ class SlideWriter:
             return kept
         import shapely
 
-        f = self.spec.geom.level0_per_model_px
+        f = self.spec.plan.level0_per_model_px
         xy = np.array([n.centroid for n in kept], np.float64) * f
         inside = shapely.contains_xy(self.region, xy[:, 0], xy[:, 1])
         self.outside_region += int((~inside).sum())
@@ -126,7 +127,7 @@ class SlideWriter:
             for n in kept:
                 n.id = self.next_id  # numbered after the region filter: ids run 1..N
                 self.next_id += 1
-                rec = nucleus_record(n, s.geom, s.card)
+                rec = nucleus_record(n, s.plan, s.slide_name, s.card)
                 self.tw.write(rec)
                 if self.gj is not None:
                     self.gj.write(n, rec)

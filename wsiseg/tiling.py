@@ -46,6 +46,11 @@ class ReadPlan:
         """Level-0 pixels spanned by one model pixel."""
         return self.level_downsample / self.scale
 
+    @property
+    def level0_mpp(self) -> float:
+        """Microns per level-0 pixel, as the model's grid measures it (the slide's mpp)."""
+        return self.model_mpp / self.level0_per_model_px
+
     def model_size(self, level0_dimensions: tuple[int, int]) -> tuple[int, int]:
         """(width, height) of the slide in model pixels."""
         f = self.level0_per_model_px
