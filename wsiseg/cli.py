@@ -65,18 +65,33 @@ def _tissue(args: argparse.Namespace, slide):
     return detect_tissue(slide)
 
 
+def _model(model: str | None) -> str:
+    """The model a command runs: ``model`` (a file or 'threshold'), or the bundled one."""
+    path = model or default_model_path()
+    if path is None:
+        raise ValueError("no default model is bundled with this installation; "
+                         "pass --model PATH.safetensors, or --model threshold for the classical baseline")
+    return path
+
+
 def _card(model: str | None):
     """The card of the model ``segment`` would run: ``model``, or the bundled one."""
     from .card import load_card
+    from .inference import THRESHOLD_MODEL, threshold_card
 
-    if model == "threshold":
-        from .inference import threshold_card
+    path = _model(model)
+    return threshold_card() if path == THRESHOLD_MODEL else load_card(path)
 
-        return threshold_card()
-    path = model or default_model_path()
-    if path is None:
-        raise ValueError("no default model is bundled with this installation; pass --model")
-    return load_card(path)
+
+def _segment_options(args: argparse.Namespace, **extra):
+    """The SegmentOptions that ``segment`` and ``batch`` share, from their common options."""
+    from .pipeline import SegmentOptions
+
+    tissue = args.region or ("whole" if args.whole_slide else "detect")
+    return SegmentOptions(
+        mpp=args.mpp, backend=args.backend, tissue=tissue, tile_size=args.tile_size, overlap=args.overlap,
+        batch_size=args.batch_size, on_oversize=args.on_oversize, writer=args.writer, geojson=args.geojson,
+        table=args.table, zarr=not args.no_zarr, stats=not args.no_stats, **extra)
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -151,23 +166,13 @@ def _print_info(info: dict) -> None:
 
 def cmd_segment(args: argparse.Namespace) -> int:
     from .inference import load_predictor
-    from .pipeline import SegmentOptions, segment_slide
+    from .pipeline import segment_slide
 
-    model = args.model or default_model_path()
-    if model is None:
-        raise ValueError("no default model is bundled with this installation yet; "
-                         "pass --model PATH.safetensors, or --model threshold for the classical baseline")
-    predictor = load_predictor(model, device=args.device, precision=args.precision,
+    predictor = load_predictor(_model(args.model), device=args.device, precision=args.precision,
                                score_threshold=args.score_threshold)
-    tissue = args.region or ("whole" if args.whole_slide else "detect")
-    opts = SegmentOptions(
-        mpp=args.mpp, backend=args.backend, tissue=tissue, tile_size=args.tile_size, overlap=args.overlap,
-        batch_size=args.batch_size, workers=args.workers, prefetch=args.prefetch, on_oversize=args.on_oversize,
-        writer=args.writer,
-        geojson=args.geojson, table=args.table, zarr=not args.no_zarr, progress=not args.quiet,
-        overwrite=args.overwrite, stats=not args.no_stats, density_cell_um=args.density_cell_um,
-        min_area_um2=args.min_area_um2,
-    )
+    opts = _segment_options(args, workers=args.workers, prefetch=args.prefetch, progress=not args.quiet,
+                            overwrite=args.overwrite, density_cell_um=args.density_cell_um,
+                            min_area_um2=args.min_area_um2)
     out = args.out or str(Path(args.slide).stem) + "-wsiseg"
     summary = segment_slide(args.slide, predictor, out, opts)
     t = summary["timings_s"]
@@ -182,20 +187,12 @@ def cmd_segment(args: argparse.Namespace) -> int:
 
 def cmd_batch(args: argparse.Namespace) -> int:
     from .batch import collect_slides, run_batch, summarize
-    from .pipeline import SegmentOptions
 
-    model = args.model or default_model_path()
-    if model is None:
-        raise ValueError("no default model is bundled with this installation yet; "
-                         "pass --model PATH.safetensors, or --model threshold for the classical baseline")
+    model = _model(args.model)
     slides = collect_slides(args.slides)
     if not slides:
         raise ValueError(f"no slides found in {' '.join(args.slides)}")
-    tissue = args.region or ("whole" if args.whole_slide else "detect")
-    opts = SegmentOptions(mpp=args.mpp, backend=args.backend, tissue=tissue, tile_size=args.tile_size,
-                          overlap=args.overlap, batch_size=args.batch_size, workers=args.read_workers,
-                          on_oversize=args.on_oversize, writer=args.writer, geojson=args.geojson, table=args.table,
-                          zarr=not args.no_zarr, stats=not args.no_stats)
+    opts = _segment_options(args, workers=args.read_workers)
 
     def report(name: str, entry: dict) -> None:
         extra = (f"{entry.get('nuclei')} nuclei" if entry["status"] == "done" else
@@ -242,10 +239,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         names = split["val"]
     elif args.names:
         names = args.names
-    model = args.model or default_model_path()
-    if model is None:
-        raise ValueError("no default model is bundled with this installation; pass --model")
-    metrics = evaluate(model, args.data, names, args.score_threshold, device=args.device)
+    metrics = evaluate(_model(args.model), args.data, names, args.score_threshold, device=args.device)
     text = json.dumps(_finite(metrics), indent=2, allow_nan=False)  # NaN (no nuclei of a kind) -> null
     print(text)
     if args.out:
@@ -277,11 +271,25 @@ def cmd_stats(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="wsiseg", description="Nucleus segmentation for H&E whole-slide images")
-    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
-    sub = parser.add_subparsers(dest="command", required=True)
+def _add_run_args(p: argparse.ArgumentParser) -> None:
+    """Options shared by segment and batch: model, grid, device and outputs."""
+    p.add_argument("--model", default=None, help="model .safetensors (default: the bundled model), or 'threshold'")
+    p.add_argument("--tile-size", type=TILE, default=None, help="tile size in model pixels (default: model card)")
+    p.add_argument("--overlap", type=OVERLAP, default=None, help="tile overlap in model pixels (default: model card)")
+    p.add_argument("--batch-size", type=BATCH, default=4)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    p.add_argument("--on-oversize", default="error", choices=["error", "drop"],
+                   help="what to do with a nucleus wider than the overlap allows")
+    p.add_argument("--writer", default="process", choices=["process", "thread"],
+                   help="run stitching and the writers in a low-priority process (default) or a thread")
+    p.add_argument("--geojson", default="geojson.gz", choices=["geojson", "geojson.gz", "none"])
+    p.add_argument("--table", default="parquet", choices=["parquet", "csv"])
+    p.add_argument("--no-zarr", action="store_true", help="skip the OME-Zarr label images")
+    p.add_argument("--no-stats", action="store_true", help="skip the slide statistics and report")
 
+
+def _add_info(sub) -> None:
     p = sub.add_parser("info", help="print a slide's properties and the tile grid segment would use")
     _add_slide_args(p)
     p.add_argument("--model", default=None, help="plan for this model (default: the bundled model)")
@@ -291,57 +299,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_info)
 
+
+def _add_segment(sub) -> None:
     p = sub.add_parser("segment", help="segment and classify the nuclei of a slide")
     _add_slide_args(p)
-    p.add_argument("--model", default=None, help="model .safetensors (default: the bundled model), or 'threshold'")
+    _add_run_args(p)
     p.add_argument("--out", default=None, help="output folder (default: <slide>-wsiseg)")
-    p.add_argument("--tile-size", type=TILE, default=None, help="tile size in model pixels (default: model card)")
-    p.add_argument("--overlap", type=OVERLAP, default=None, help="tile overlap in model pixels (default: model card)")
-    p.add_argument("--batch-size", type=BATCH, default=4)
     p.add_argument("--workers", type=WORKERS, default=2, help="tile reader threads")
     p.add_argument("--prefetch", type=WORKERS, default=8, help="tiles read ahead of the model")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     p.add_argument("--score-threshold", type=PROB, default=None)
-    p.add_argument("--on-oversize", default="error", choices=["error", "drop"],
-                   help="what to do with a nucleus wider than the overlap allows")
-    p.add_argument("--writer", default="process", choices=["process", "thread"],
-                   help="run stitching and the writers in a low-priority process (default) or a thread")
-    p.add_argument("--geojson", default="geojson.gz", choices=["geojson", "geojson.gz", "none"])
-    p.add_argument("--table", default="parquet", choices=["parquet", "csv"])
-    p.add_argument("--no-zarr", action="store_true", help="skip the OME-Zarr label images")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.add_argument("--no-stats", action="store_true", help="skip the slide statistics and report")
     p.add_argument("--density-cell-um", type=CELL_UM, default=100.0, help="density map cell size in µm")
     p.add_argument("--min-area-um2", type=_number(float, 0, 1000), default=None,
                    help="drop objects smaller than this, in µm² (default: the model card's)")
     p.set_defaults(func=cmd_segment)
 
+
+def _add_batch(sub) -> None:
     p = sub.add_parser("batch", help="segment many slides, resumably, on this machine or a Dask cluster")
     p.add_argument("slides", nargs="+", help="slide files, folders, glob patterns or .txt lists of paths")
     p.add_argument("--out", required=True, help="output folder: one subfolder per slide, manifest.json, cohort.csv")
-    p.add_argument("--model", default=None, help="model .safetensors (default: the bundled model), or 'threshold'")
+    _add_run_args(p)
     p.add_argument("--workers", type=WORKERS, default=1, help="parallel slide workers (a Dask LocalCluster when > 1)")
     p.add_argument("--scheduler", default=None, help="address of an existing Dask distributed scheduler")
     p.add_argument("--mpp", type=MPP, default=None, help="level-0 microns per pixel for slides without one")
     p.add_argument("--backend", default="auto", choices=["auto", "openslide", "tiffslide", "image"])
     p.add_argument("--region", default=None, help=argparse.SUPPRESS)
     p.add_argument("--whole-slide", action="store_true", help="analyse whole slides, skipping tissue detection")
-    p.add_argument("--tile-size", type=TILE, default=None)
-    p.add_argument("--overlap", type=OVERLAP, default=None)
-    p.add_argument("--batch-size", type=BATCH, default=4)
     p.add_argument("--read-workers", type=WORKERS, default=2, help="tile reader threads per slide")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
-    p.add_argument("--on-oversize", default="error", choices=["error", "drop"])
-    p.add_argument("--writer", default="process", choices=["process", "thread"])
-    p.add_argument("--geojson", default="geojson.gz", choices=["geojson", "geojson.gz", "none"])
-    p.add_argument("--table", default="parquet", choices=["parquet", "csv"])
-    p.add_argument("--no-zarr", action="store_true")
-    p.add_argument("--no-stats", action="store_true")
     p.set_defaults(func=cmd_batch)
 
+
+def _add_train(sub) -> None:
     p = sub.add_parser("train", help="train a nucleus Mask R-CNN from a YAML config")
     p.add_argument("config")
     p.add_argument("--out", default=None, help="run folder (default: the config's)")
@@ -352,6 +342,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fine-tune: start from this model's weights ('default': the bundled model)")
     p.set_defaults(func=cmd_train)
 
+
+def _add_evaluate(sub) -> None:
     p = sub.add_parser("evaluate", help="PQ, AJI, F1, Dice, COCO AP (and per class) of a model on labelled images")
     p.add_argument("--model", default=None, help="model file, or 'threshold' (default: the bundled model)")
     p.add_argument("--data", required=True, help="folder with images/, labels/, optional classes.csv")
@@ -363,10 +355,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="write the metrics JSON here")
     p.set_defaults(func=cmd_evaluate)
 
+
+def _add_stats(sub) -> None:
     p = sub.add_parser("stats", help="slide statistics and report of a segment output folder")
     p.add_argument("outdir", help="folder written by wsiseg segment")
     p.add_argument("--density-cell-um", type=CELL_UM, default=100.0, help="density map cell size in µm")
     p.set_defaults(func=cmd_stats)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="wsiseg", description="Nucleus segmentation for H&E whole-slide images")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_add_info, _add_segment, _add_batch, _add_train, _add_evaluate, _add_stats):
+        add(sub)
     return parser
 
 
