@@ -233,6 +233,33 @@ def test_train_resume_and_export(tmp_path, data_dir):
     assert float(rows[-1].split(",")[2]) != 9.9
 
 
+def test_train_takes_its_device_from_select_device(tmp_path, data_dir, monkeypatch):
+    """Training and its validation run where select_device says (CUDA when present); asking for an absent
+    accelerator is the same clear error as for inference, before any work is done."""
+    import torch
+
+    import wsiseg.inference as inf
+    from wsiseg.errors import DeviceUnavailableError
+
+    cfg = TrainConfig(name="t", data=str(data_dir / "consep-train"), val_names=["train_1_000"],
+                      model=dict(backbone="resnet18", width=8, fpn_channels=32, box_head_dim=64,
+                                 mask_head_channels=16, detections_per_tile=50),
+                      tile_size=128, overlap=32, steps=1, batch_size=1, val_every=1, warmup_steps=1,
+                      out=str(tmp_path / "run"), threads=1)
+    if not torch.cuda.is_available():
+        cfg.device = "cuda"
+        with pytest.raises(DeviceUnavailableError, match="cuda"):
+            train(cfg, log=lambda *_: None)
+        assert not (tmp_path / "run").exists()
+    asked = []
+    real = inf.select_device
+    monkeypatch.setattr(inf, "select_device", lambda name="auto", precision="auto": asked.append((name, precision))
+                        or real("cpu", precision))
+    cfg.device, cfg.bf16 = "auto", False
+    train(cfg, log=lambda *_: None)
+    assert asked[0] == ("auto", "fp32") and ("auto", "auto") in asked[1:]  # training, then validation
+
+
 def test_evaluate_cli(tmp_path, data_dir):
     import subprocess
     import sys

@@ -116,50 +116,41 @@ def _write_tissue_png(path: Path, mask: np.ndarray) -> None:
         raise OSError(f"{path}: cannot write the tissue mask")
 
 
-def _run(slide_path: Path, predictor: Predictor, tmp_dir: Path, o: SegmentOptions) -> dict:
-    timer = Timer()
-    started = time.time()
-    t0 = time.perf_counter()
+def _writer_spec(slide_path: Path, slide, sp, predictor: Predictor, tmp_dir: Path, o: SegmentOptions,
+                 started: float) -> WriterSpec:
+    """What the writing side needs to know of this run, including what the slide statistics need."""
     card = predictor.card
-    slide = open_slide(slide_path, mpp=o.mpp, backend=o.backend)
-    tile_size = o.tile_size or card.tile_size
-    overlap = card.overlap if o.overlap is None else o.overlap
-    sp = plan_slide(slide, card.mpp, tile_size, overlap, tissue=_tissue(slide, o.tissue))
-    t0 = timer.add("plan", t0)
-    name = slide_path.name
-    tissue_mm2 = sp.tissue.area_mm2(slide.require_mpp())
-    classes = [{"name": c.name, "color": list(c.color)} for c in card.classes]
-    # what the slide statistics, computed by the writer as it finishes, need to know of the run
     stats_run = {"slide": str(slide_path), "slide_dimensions": list(slide.dimensions), "slide_mpp": slide.mpp,
-                 "tissue_area_mm2": round(tissue_mm2, 5), "model": card.name, "model_mpp": sp.plan.model_mpp,
-                 "started": started, "classes": classes, "tissue_mask": sp.tissue.mask,
-                 "tissue_downsample": sp.tissue.downsample}
-    _write_tissue_png(tmp_dir / "tissue.png", sp.tissue.mask)
-    spec = WriterSpec(tmp_dir=tmp_dir, stem=slide_path.stem, grid=sp.grid, plan=sp.plan, slide_name=name, card=card,
-                      zarr=o.zarr, zarr_image_downsample=o.zarr_image_downsample, geojson=o.geojson, table=o.table,
-                      on_oversize=o.on_oversize,
+                 "tissue_area_mm2": round(sp.tissue.area_mm2(slide.require_mpp()), 5), "model": card.name,
+                 "model_mpp": sp.plan.model_mpp, "started": started, "classes": _classes(card),
+                 "tissue_mask": sp.tissue.mask, "tissue_downsample": sp.tissue.downsample}
+    return WriterSpec(tmp_dir=tmp_dir, stem=slide_path.stem, grid=sp.grid, plan=sp.plan, slide_name=slide_path.name,
+                      card=card, zarr=o.zarr, zarr_image_downsample=o.zarr_image_downsample, geojson=o.geojson,
+                      table=o.table, on_oversize=o.on_oversize,
                       score_threshold=predictor.score_threshold, mask_threshold=predictor.mask_threshold,
                       stats_run=stats_run if o.stats else None,
                       stats_cell_um=o.density_cell_um, region_wkb=sp.tissue.region_wkb,
                       min_area_um2=card.min_area_um2 if o.min_area_um2 is None else o.min_area_um2)
-    n_tiles = len(sp.grid)
+
+
+def _classes(card) -> list[dict]:
+    return [{"name": c.name, "color": list(c.color)} for c in card.classes]
+
+
+def _warnings(sp, card, tile_size: int) -> list[str]:
+    """What the user should know about this run's plan (also written to summary.json)."""
     warnings = list(sp.tissue.notes)
     if tile_size != card.tile_size:
         warnings.append(f"tile size {tile_size} px differs from the {card.tile_size} px the model was trained and "
                         "validated with; accuracy may differ")
-    if not n_tiles and sp.tissue.source == "detected":
+    if not len(sp.grid) and sp.tissue.source == "detected":
         warnings.append("no tissue was detected; for a small crop or an image that is all tissue, analyse the "
                         "whole image (tissue='whole')")
-    for w in warnings:
-        log.warning(w)
-    progress = None
-    if o.progress:
-        from tqdm import tqdm
+    return warnings
 
-        progress = tqdm(total=n_tiles, desc=name, unit="tile", dynamic_ncols=True, disable=None)
-    stream = stream_tiles(slide, sp.plan, sp.grid, workers=o.workers, prefetch=max(o.prefetch, o.batch_size))
-    sink = make_sink(spec, o.writer)
-    timer.add("start_writer", t0)
+
+def _stream_through(predictor: Predictor, stream, sink, o: SegmentOptions, timer: Timer, progress) -> dict:
+    """Every tile of ``stream`` through the model into the writing side; returns what the writers report."""
     try:
         for tiles, arr, outs in infer_batches(predictor, _batches(stream, o.batch_size, timer)):
             timer.lap("forward")
@@ -170,11 +161,40 @@ def _run(slide_path: Path, predictor: Predictor, tmp_dir: Path, o: SegmentOption
                 progress.set_postfix(nuclei=sink.nuclei, refresh=False)
         written = sink.close()
         timer.lap("finalize")
+        return written
     finally:
         sink.stop()
         stream.close()
         if progress is not None:
             progress.close()
+
+
+def _run(slide_path: Path, predictor: Predictor, tmp_dir: Path, o: SegmentOptions) -> dict:
+    timer = Timer()
+    started = time.time()
+    t0 = time.perf_counter()
+    card = predictor.card
+    slide = open_slide(slide_path, mpp=o.mpp, backend=o.backend)
+    tile_size = o.tile_size or card.tile_size
+    overlap = card.overlap if o.overlap is None else o.overlap
+    sp = plan_slide(slide, card.mpp, tile_size, overlap, tissue=_tissue(slide, o.tissue))
+    t0 = timer.add("plan", t0)
+    tissue_mm2 = sp.tissue.area_mm2(slide.require_mpp())
+    _write_tissue_png(tmp_dir / "tissue.png", sp.tissue.mask)
+    spec = _writer_spec(slide_path, slide, sp, predictor, tmp_dir, o, started)
+    n_tiles = len(sp.grid)
+    warnings = _warnings(sp, card, tile_size)
+    for w in warnings:
+        log.warning(w)
+    progress = None
+    if o.progress:
+        from tqdm import tqdm
+
+        progress = tqdm(total=n_tiles, desc=slide_path.name, unit="tile", dynamic_ncols=True, disable=None)
+    stream = stream_tiles(slide, sp.plan, sp.grid, workers=o.workers, prefetch=max(o.prefetch, o.batch_size))
+    sink = make_sink(spec, o.writer)
+    timer.add("start_writer", t0)
+    written = _stream_through(predictor, stream, sink, o, timer, progress)
     for k, v in written["timings_s"].items():
         timer.totals[k] = v
     outputs = dict(written["outputs"])
@@ -199,7 +219,7 @@ def _run(slide_path: Path, predictor: Predictor, tmp_dir: Path, o: SegmentOption
         "tissue_area_mm2": round(tissue_mm2, 5),
         "nuclei": n_nuclei,
         "nuclei_per_class": {c.name: int(k) for c, k in zip(card.classes, per_class)},
-        "classes": classes,
+        "classes": _classes(card),
         "nuclei_per_mm2": round(n_nuclei / tissue_mm2, 2) if tissue_mm2 > 0 else None,
         "tissue_mask_file": {"file": "tissue.png", "level0_px_per_pixel": sp.tissue.downsample},
         "dropped_oversize": written["dropped_oversize"],

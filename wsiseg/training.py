@@ -180,7 +180,8 @@ class TrainConfig:
     clip_grad: float = 5.0
     val_every: int = 250
     seed: int = 0
-    bf16: bool = True
+    bf16: bool = True  # mixed precision (bf16 autocast) on the CPU and on CUDA
+    device: str = "auto"  # auto (CUDA when present), cpu, cuda, cuda:N: see wsiseg.inference.select_device
     hed_jitter: bool = True
     scale_jitter: float = 0.1
     hide_class_fraction: float = 0.0
@@ -308,12 +309,13 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.lr * peak * 0.5 * (1 + math.cos(math.pi * min(1.0, p)))
 
 
-def validate(model: torch.nn.Module, card: ModelCard, val: list[Sample], class_names: list[str]) -> dict:
-    """Metrics of a Mask R-CNN being trained, on CPU, over labelled samples."""
+def validate(model: torch.nn.Module, card: ModelCard, val: list[Sample], class_names: list[str],
+             device: str = "auto") -> dict:
+    """Metrics of a Mask R-CNN being trained, over labelled samples, on ``device`` (as inference runs there)."""
     from .inference import MaskRCNNPredictor, select_device
 
     model.eval()
-    return evaluate_predictor(MaskRCNNPredictor(model, card, select_device("cpu")), val, class_names)
+    return evaluate_predictor(MaskRCNNPredictor(model, card, select_device(device)), val, class_names)
 
 
 def _truncate_log(path: Path, step: int) -> None:
@@ -472,9 +474,10 @@ def _pick_pool(pools: list[Pool], rng: np.random.Generator) -> Pool:
     return pools[-1]
 
 
-def validate_pools(model: torch.nn.Module, card: ModelCard, pools: list[Pool], class_names: list[str]) -> dict:
+def validate_pools(model: torch.nn.Module, card: ModelCard, pools: list[Pool], class_names: list[str],
+                   device: str = "auto") -> dict:
     """Validation metrics; with several validated datasets, the mean PQ/F1/AJI over them and each one's."""
-    per = {p.name: validate(model, card, p.val, class_names) for p in pools if p.val}
+    per = {p.name: validate(model, card, p.val, class_names, device) for p in pools if p.val}
     if len(per) == 1:
         return next(iter(per.values()))
     out: dict[str, Any] = {k: float(np.mean([m[k] for m in per.values()])) for k in ("pq", "f1", "aji", "dq", "sq")}
@@ -482,20 +485,8 @@ def validate_pools(model: torch.nn.Module, card: ModelCard, pools: list[Pool], c
     return out
 
 
-def train(cfg: TrainConfig, log=print) -> dict:
-    """Train, validating every ``val_every`` steps; exports the best model (by PQ) with its card.
-
-    Resumes from ``<out>/last.pt`` when present (weights-only checkpoint).
-    """
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    pools, class_names = training_pools(cfg)
-    splits = {p.name: p.split for p in pools}
-    write_text_atomic(out / "split.json", json.dumps(pools[0].split if len(pools) == 1 else splits, indent=2))
-    val_names = [n for p in pools for n in p.split["val"]]
-
+def _training_card(cfg: TrainConfig, pools: list[Pool], class_names: list[str]) -> ModelCard:
+    """The card the trained model is exported with: architecture, classes, data and the whole config."""
     mcfg = ModelConfig(**{**cfg.model, "num_classes": len(class_names), "tile_size": cfg.tile_size})
     data_info = {"train_images": sum(len(p.train) for p in pools), "val_images": sum(len(p.val) for p in pools)}
     if len(pools) > 1:
@@ -503,46 +494,96 @@ def train(cfg: TrainConfig, log=print) -> dict:
                                           "val_images": len(p.val)} for p in pools}
     if cfg.extra_data and not cfg.datasets:
         data_info["extra_images"] = sum(len(p.train) for p in pools if p.name == "extra_data")
-    card = ModelCard(name=cfg.name, classes=default_classes(class_names), mpp=cfg.mpp, tile_size=cfg.tile_size,
+    return ModelCard(name=cfg.name, classes=default_classes(class_names), mpp=cfg.mpp, tile_size=cfg.tile_size,
                      overlap=cfg.overlap, config=mcfg, description=cfg.description,
                      training={**asdict(cfg), **data_info})
-    src = None
-    if cfg.init:
-        from .card import default_model_path, load_card
 
-        src = default_model_path() if cfg.init == "default" else cfg.init
-        if src is None:
-            raise ValueError("init: default, but no default model is bundled with this installation")
-        source = load_card(src)
-        card.mean, card.std = source.mean, source.std  # the weights expect their own input normalisation
+
+def _init_source(cfg: TrainConfig, card: ModelCard) -> str | None:
+    """The model file whose weights start the run (``init``), after taking its input normalisation."""
+    if not cfg.init:
+        return None
+    from .card import default_model_path, load_card
+
+    src = default_model_path() if cfg.init == "default" else cfg.init
+    if src is None:
+        raise ValueError("init: default, but no default model is bundled with this installation")
+    source = load_card(src)
+    card.mean, card.std = source.mean, source.std  # the weights expect their own input normalisation
+    return src
+
+
+def _optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW, without weight decay on biases and norm parameters."""
+    decay = [p for p in params if p.ndim > 1]
+    no_decay = [p for p in params if p.ndim <= 1]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+
+
+LOSS_COLUMNS = ["loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg"]
+
+
+def _open_loss_log(path: Path, step: int):
+    """The loss log (CSV), continued after ``step``; returns the file and its CSV writer."""
+    if path.exists():
+        _truncate_log(path, step)
+    new_log = not path.exists()
+    f = open(path, "a", newline="")
+    w = csv.writer(f)
+    if new_log:
+        w.writerow(["step", "lr", "loss", *LOSS_COLUMNS, "seconds"])
+    return f, w
+
+
+def _sample_batch(pools: list[Pool], rng: np.random.Generator, cfg: TrainConfig, device: torch.device):
+    """A batch of random training crops (images and targets) on ``device``."""
+    imgs, tgts = [], []
+    for _ in range(cfg.batch_size):
+        pool = _pick_pool(pools, rng).train
+        s = pool[int(rng.integers(len(pool)))]
+        img, t = random_crop(s, cfg.tile_size, cfg.mpp, rng, cfg.scale_jitter, cfg.hed_jitter)
+        imgs.append((torch.from_numpy(img).permute(2, 0, 1).float() / 255).to(device))
+        tgts.append({k: v.to(device) for k, v in _to_torch(t).items()})
+    return imgs, tgts
+
+
+def train(cfg: TrainConfig, log=print) -> dict:
+    """Train, validating every ``val_every`` steps; exports the best model (by PQ) with its card.
+
+    Resumes from ``<out>/last.pt`` when present (weights-only checkpoint).
+    """
+    from .inference import select_device
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    dev = select_device(cfg.device, "bf16" if cfg.bf16 else "fp32")
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    pools, class_names = training_pools(cfg)
+    splits = {p.name: p.split for p in pools}
+    write_text_atomic(out / "split.json", json.dumps(pools[0].split if len(pools) == 1 else splits, indent=2))
+    val_names = [n for p in pools for n in p.split["val"]]
+    card = _training_card(cfg, pools, class_names)
+    src = _init_source(cfg, card)
     torch.manual_seed(cfg.seed)
-    model = enable_partial_labels(build_model(mcfg, card.mean, card.std))
+    model = enable_partial_labels(build_model(card.config, card.mean, card.std))
     ckpt = out / "last.pt"
     if src is not None and not ckpt.exists():
         info = init_weights(model, class_names, src)
         card.training["init_weights"] = info
         log(f"initialised from {src}: {info['copied_tensors']} tensors copied, "
             f"{len(info['fresh_tensors'])} class-head tensors new")
+    model.to(dev.device)
     params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.ndim > 1]
-    no_decay = [p for p in params if p.ndim <= 1]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+    opt = _optimizer(params, cfg)
     step, best, seconds_before = 0, {"pq": -1.0}, 0.0
     if ckpt.exists():
         step, seconds_before = load_checkpoint(ckpt, model, opt)
         best = json.loads((out / "best.json").read_text()) if (out / "best.json").exists() else best
         log(f"resumed from {ckpt} at step {step}")
     rng = np.random.default_rng(cfg.seed + step)
-    log_path = out / "loss.csv"
-    if log_path.exists():
-        _truncate_log(log_path, step)
-    new_log = not log_path.exists()
-    logf = open(log_path, "a", newline="")
-    logw = csv.writer(logf)
-    if new_log:
-        logw.writerow(["step", "lr", "loss", "loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness",
-                       "loss_rpn_box_reg", "seconds"])
+    logf, logw = _open_loss_log(out / "loss.csv", step)
     t0 = time.time()
     try:
         while step < cfg.steps:
@@ -550,16 +591,10 @@ def train(cfg: TrainConfig, log=print) -> dict:
                 log(f"stopping at step {step}: max_minutes={cfg.max_minutes} reached")
                 break
             model.train()
-            imgs, tgts = [], []
-            for _ in range(cfg.batch_size):
-                pool = _pick_pool(pools, rng).train
-                s = pool[int(rng.integers(len(pool)))]
-                img, t = random_crop(s, cfg.tile_size, cfg.mpp, rng, cfg.scale_jitter, cfg.hed_jitter)
-                imgs.append(torch.from_numpy(img).permute(2, 0, 1).float() / 255)
-                tgts.append(_to_torch(t))
+            imgs, tgts = _sample_batch(pools, rng, cfg, dev.device)
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, cfg)
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+            with dev.autocast():
                 losses = model(imgs, tgts)
             loss = sum(losses.values())
             if not torch.isfinite(loss):
@@ -570,9 +605,7 @@ def train(cfg: TrainConfig, log=print) -> dict:
             opt.step()
             step += 1
             logw.writerow([step, f"{lr_at(step, cfg):.6g}", f"{loss.item():.5f}",
-                           *[f"{losses[k].item():.5f}" for k in ("loss_classifier", "loss_box_reg", "loss_mask",
-                                                                  "loss_objectness", "loss_rpn_box_reg")],
-                           f"{time.time() - t0:.1f}"])
+                           *[f"{losses[k].item():.5f}" for k in LOSS_COLUMNS], f"{time.time() - t0:.1f}"])
             if step % 20 == 0:
                 logf.flush()
                 log(f"step {step}/{cfg.steps} loss {loss.item():.3f} "
@@ -581,22 +614,28 @@ def train(cfg: TrainConfig, log=print) -> dict:
             if step % cfg.val_every == 0 or step == cfg.steps or out_of_time:
                 seconds = seconds_before + time.time() - t0
                 save_checkpoint(ckpt, model, opt, step, seconds)
-                card.training["steps_done"] = step
-                card.training["cpu_hours"] = round(seconds * torch.get_num_threads() / 3600, 2)
-                card.training["wall_hours"] = round(seconds / 3600, 2)
+                card.training.update(steps_done=step, cpu_hours=round(seconds * torch.get_num_threads() / 3600, 2),
+                                     wall_hours=round(seconds / 3600, 2))
                 if val_names:
-                    metrics = validate_pools(model, card, pools, class_names)
-                    log(f"validation at step {step}: " + ", ".join(
-                        f"{k}={v:.3f}" for k, v in metrics.items() if isinstance(v, float)))
-                    with open(out / "val.jsonl", "a") as f:
-                        f.write(json.dumps({"step": step, **metrics}) + "\n")
-                    if metrics["pq"] > best["pq"]:
-                        best = {"step": step, **metrics}
-                        card.metrics = {"validation": best, "val_images": val_names}
-                        save_model(model, card, out / "best.safetensors", half=True)
-                        write_text_atomic(out / "best.json", json.dumps(best, indent=2))
+                    best = _validate_and_keep_best(model, card, pools, class_names, cfg, step, best, out, log)
     finally:
         logf.close()
     if not val_names:
         save_model(model, card, out / "best.safetensors", half=True)
+    return best
+
+
+def _validate_and_keep_best(model, card: ModelCard, pools: list[Pool], class_names: list[str], cfg: TrainConfig,
+                            step: int, best: dict, out: Path, log) -> dict:
+    """Validate, log to val.jsonl, and export the model when it beats ``best`` (by mean PQ); returns the best."""
+    metrics = validate_pools(model, card, pools, class_names, cfg.device)
+    log(f"validation at step {step}: " + ", ".join(f"{k}={v:.3f}" for k, v in metrics.items() if isinstance(v, float)))
+    with open(out / "val.jsonl", "a") as f:
+        f.write(json.dumps({"step": step, **metrics}) + "\n")
+    if metrics["pq"] <= best["pq"]:
+        return best
+    best = {"step": step, **metrics}
+    card.metrics = {"validation": best, "val_images": [n for p in pools for n in p.split["val"]]}
+    save_model(model, card, out / "best.safetensors", half=True)
+    write_text_atomic(out / "best.json", json.dumps(best, indent=2))
     return best
