@@ -38,8 +38,9 @@ def main() -> None:
     import torch
 
     from wsiseg.augment import random_crop
+    from wsiseg.card import ModelConfig
     from wsiseg.datasets import InstanceFolder
-    from wsiseg.model import ModelConfig, build_model
+    from wsiseg.model import build_model
     from wsiseg.training import _to_torch, enable_partial_labels
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -46,13 +46,8 @@ def make_model(kind: str, tmp: Path) -> str:
         return kind
     import torch
 
-    from wsiseg.model import (
-        ModelCard,
-        ModelConfig,
-        build_model,
-        default_classes,
-        save_model,
-    )
+    from wsiseg.card import ModelCard, ModelConfig, default_classes
+    from wsiseg.model import build_model, save_model
 
     torch.manual_seed(0)
     if kind == "tiny":

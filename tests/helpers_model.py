@@ -2,7 +2,8 @@ from __future__ import annotations
 
 import torch
 
-from wsiseg.model import ModelCard, ModelConfig, build_model, default_classes
+from wsiseg.card import ModelCard, ModelConfig, default_classes
+from wsiseg.model import build_model
 
 
 def tiny_config(tile_size: int = 128, num_classes: int = 1) -> ModelConfig:

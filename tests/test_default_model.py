@@ -11,10 +11,9 @@ import numpy as np
 from conftest import synthetic_he, write_pyramid_tiff
 from PIL import Image
 
-from wsiseg.card import default_model_path
+from wsiseg.card import default_model_path, load_card
 from wsiseg.evaluation import panoptic_quality
 from wsiseg.inference import load_predictor
-from wsiseg.model import load_card
 from wsiseg.stitching import segment_array
 
 REPO = Path(__file__).resolve().parents[1]

@@ -7,9 +7,10 @@ import pytest
 import torch
 from helpers_model import tiny_model
 
+from wsiseg.card import ModelConfig, ModelLoadError, load_card
 from wsiseg.detections import TileDetections, fill_holes, paste_masks, resolve_overlaps
 from wsiseg.inference import MaskRCNNPredictor, infer_batches, select_device
-from wsiseg.model import ModelConfig, ModelLoadError, build_model, load_card, load_model
+from wsiseg.model import build_model, load_model
 
 
 def test_save_load_round_trip(tmp_path):

@@ -363,7 +363,7 @@ def test_train_fine_tunes_from_a_saved_model(tmp_path, data_dir):
     logs = []
     train(cfg, log=logs.append)
     assert any("initialised from" in m for m in logs)
-    from wsiseg.model import load_card
+    from wsiseg.card import load_card
 
     card = load_card(tmp_path / "run" / "best.safetensors")
     assert card.training["init_weights"]["source_model"] == "tiny-random"
@@ -377,8 +377,7 @@ def test_train_fine_tunes_from_a_saved_model(tmp_path, data_dir):
 def test_every_shipped_config_is_valid_and_fine_tunes_fit_the_default_model():
     from pathlib import Path
 
-    from wsiseg.card import default_model_path, load_card
-    from wsiseg.model import ModelConfig
+    from wsiseg.card import ModelConfig, default_model_path, load_card
 
     configs = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
     assert configs
@@ -445,7 +444,7 @@ def test_train_draws_crops_from_extra_data(tmp_path, monkeypatch):
     train(cfg, log=lambda *_: None)
     assert set(drawn) <= {"m_0", "e_0", "e_1", "e_2"}  # never the validation image
     assert 6 <= sum(n.startswith("e_") for n in drawn) <= 16  # 75% of 16 crops, roughly
-    from wsiseg.model import load_card
+    from wsiseg.card import load_card
 
     card = load_card(tmp_path / "run" / "best.safetensors")
     assert card.training["extra_images"] == 3 and card.class_names == ["nucleus"]
@@ -478,7 +477,7 @@ def test_train_on_several_datasets_with_their_splits(tmp_path, monkeypatch):
     val = [json.loads(ln) for ln in (tmp_path / "run" / "val.jsonl").read_text().splitlines()]
     assert set(val[-1]["datasets"]) == {"typed", "plain"}
     assert val[-1]["pq"] == pytest.approx(np.mean([m["pq"] for m in val[-1]["datasets"].values()]))
-    from wsiseg.model import load_card
+    from wsiseg.card import load_card
 
     card = load_card(tmp_path / "run" / "best.safetensors")
     assert card.class_names == ["immune", "epi"] and card.training["steps_done"] == 4

@@ -7,6 +7,22 @@ The public API, imported on first use so that ``import wsiseg`` stays cheap::
     summary = wsiseg.segment_slide("slide.svs", predictor, "out/", wsiseg.SegmentOptions())
     manifest = wsiseg.run_batch(slides, "batch-out/", model_path)
     metrics = wsiseg.evaluate(model_path, "labelled-folder/")
+
+Where each job lives, in the order data flows (tests/test_architecture.py holds every module to
+importing only upstream)::
+
+    card, detections, features,     contracts between the stages; atomic (temporary names, publish),
+    errors, timing                  typed errors, stage timings -- all torch-free
+    slide                           one reader over OpenSlide, TiffSlide and plain images
+    tissue → tiling                 tissue mask; level choice and the overlapping tile grid; tile streaming
+    model → inference               Mask R-CNN builder and safetensors I/O; batched prediction, devices
+    stitching                       the seam rule: every nucleus exactly once
+    outputs, stats                  OME-Zarr / GeoJSON / table writers; slide statistics and report
+    sink                            the writing side of a run, in a process of its own (no torch)
+    pipeline → batch                one slide end to end; many slides, resumable, on Dask
+    datasets, augment, evaluation   labelled images; training crops; PQ/AJI/F1/AP of a predictor
+    training                        partial-label heads and losses, the config and the loop
+    cli                             the command line: options, hints, exit codes
 """
 
 from __future__ import annotations

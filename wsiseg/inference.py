@@ -324,7 +324,7 @@ THRESHOLD_MODEL = "threshold"
 
 
 def threshold_card(mpp: float = 0.5, tile_size: int = 512, overlap: int = 64) -> ModelCard:
-    from .model import default_classes
+    from .card import default_classes
 
     return ModelCard(name="threshold-baseline", classes=default_classes(["nucleus"]), mpp=mpp,
                      tile_size=tile_size, overlap=overlap, score_threshold=0.0,

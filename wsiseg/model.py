@@ -9,18 +9,8 @@ from pathlib import Path
 from torch import nn
 from torchvision.models.detection.roi_heads import RoIHeads
 
-from .card import (
-    DEFAULT_COLORS,
-    ModelCard,
-    ModelConfig,
-    ModelLoadError,
-    NucleusClass,
-    default_classes,
-    load_card,
-)
+from .card import ModelCard, ModelConfig, ModelLoadError, load_card
 
-__all__ = ["DEFAULT_COLORS", "ModelCard", "ModelConfig", "ModelLoadError", "NucleusClass", "build_backbone",
-           "build_model", "default_classes", "load_card", "load_model", "save_model"]
 
 def _norm_layer(kind: str):
     if kind == "batchnorm":

@@ -25,16 +25,10 @@ from torchvision.models.detection.roi_heads import project_masks_on_boxes
 
 from .atomic import write_text_atomic
 from .augment import random_crop
+from .card import ModelCard, ModelConfig, default_classes
 from .datasets import Sample, load_dataset
 from .evaluation import evaluate_predictor
-from .model import (
-    ModelCard,
-    ModelConfig,
-    NucleusRoIHeads,
-    build_model,
-    default_classes,
-    save_model,
-)
+from .model import NucleusRoIHeads, build_model, save_model
 
 # ------------------------------------------------------------------ partial-label ROI heads
 
@@ -207,7 +201,7 @@ class TrainConfig:
             raise ValueError(f"{path}: unknown training settings {sorted(unknown)}")
         if not isinstance(d.get("model", {}), dict):
             raise ValueError(f"{path}: 'model' must be a mapping of network settings")
-        from .model import ModelConfig
+        from .card import ModelConfig
 
         bad = set(d.get("model", {})) - set(ModelConfig.__dataclass_fields__)
         if bad:
