@@ -241,3 +241,17 @@ def test_prefilter_keeps_the_same_detections(data_dir):
         np.testing.assert_array_equal(a.boxes, b.boxes)
         np.testing.assert_allclose(a.scores, b.scores, rtol=1e-5)
         assert sum((ma != mb).sum() for ma, mb in zip(a.masks, b.masks)) <= 2
+
+
+def test_consep_classes_get_distinct_colours_that_stand_out_on_he():
+    from wsiseg.card import default_classes
+
+    classes = default_classes(["epithelial", "inflammatory", "spindle", "other"])
+    cols = np.array([c.color for c in classes], float)
+    assert len({tuple(c) for c in cols}) == 4
+    for a in range(4):
+        for b in range(a + 1, 4):
+            assert np.linalg.norm(cols[a] - cols[b]) > 120  # distinct from one another
+    haematoxylin, eosin, background = np.array([70, 50, 130]), np.array([230, 150, 190]), np.array([240, 240, 240])
+    for c in cols:  # outlines visible on nuclei, on stroma and on glass
+        assert min(np.linalg.norm(c - haematoxylin), np.linalg.norm(c - eosin), np.linalg.norm(c - background)) > 90

@@ -8,6 +8,14 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 DEFAULT_COLORS = [(220, 50, 50), (50, 160, 50), (40, 90, 220), (230, 160, 20), (150, 60, 200), (20, 180, 190)]
+# colours of the classes people name, chosen to stand out against haematoxylin purple and eosin pink (as
+# QuPath outlines and in the report's plots on white): no reds, pinks or purples
+NAMED_COLORS = {
+    "epithelial": (0, 200, 83),  # green
+    "inflammatory": (255, 214, 0),  # yellow
+    "spindle": (0, 176, 255),  # sky blue
+    "other": (40, 40, 40),  # near black
+}
 
 
 @dataclass
@@ -121,7 +129,9 @@ class ModelCard:
 
 
 def default_classes(names: list[str]) -> list[NucleusClass]:
-    return [NucleusClass(n, DEFAULT_COLORS[i % len(DEFAULT_COLORS)]) for i, n in enumerate(names)]
+    """Classes with the colours of NAMED_COLORS for the names it knows, and distinct others for the rest."""
+    return [NucleusClass(n, NAMED_COLORS.get(n.lower(), DEFAULT_COLORS[i % len(DEFAULT_COLORS)]))
+            for i, n in enumerate(names)]
 
 
 class ModelLoadError(Exception):
