@@ -88,3 +88,54 @@ def test_segment_uses_the_default_model_without_model_option(tmp_path):
     assert proc.returncode == 0, proc.stderr
     summary = json.loads((out / "summary.json").read_text())
     assert summary["model"] == load_card(default_model_path()).name
+
+
+def test_the_shipped_cards_classes_reach_every_output(tmp_path, data_dir):
+    """Segment held-out CoNSeP tiles with the bundled model: every output names the card's classes with the
+    card's colours (GeoJSON for QuPath, table, OME-Zarr class labels, slide statistics and report)."""
+    import gzip
+
+    import pandas as pd
+    import zarr
+
+    card = load_card(default_model_path())
+    names = [c.name for c in card.classes]
+    colours = {c.name: list(c.color) for c in card.classes}
+    val = json.loads((REPO / "configs" / "split-consep.json").read_text())["val"]
+    tiles = [np.array(Image.open(next((data_dir / "consep-train" / "images").glob(f"{n}.*"))).convert("RGB"))
+             for n in val[:: max(1, len(val) // 4)][:4]]
+    mosaic = np.concatenate([np.concatenate(tiles[:2], axis=1), np.concatenate(tiles[2:4], axis=1)], axis=0)
+    Image.fromarray(mosaic).save(tmp_path / "consep.png")
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "wsiseg.cli", "segment", str(tmp_path / "consep.png"), "--mpp",
+                           str(card.mpp), "--out", str(out), "--whole-slide", "--quiet"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert list(summary["nuclei_per_class"]) == names and summary["nuclei"] > 50
+    assert [c["name"] for c in summary["classes"]] == names
+
+    with gzip.open(out / "consep.geojson.gz", "rt") as f:
+        feats = json.load(f)["features"]
+    found = {f["properties"]["classification"]["name"] for f in feats}
+    assert found <= set(names)
+    assert len(found) >= min(2, len(names))  # a classifying model finds more than one kind here
+    for f in feats:
+        cls = f["properties"]["classification"]
+        assert cls["color"] == colours[cls["name"]]
+
+    table = pd.read_parquet(out / "consep.nuclei.parquet")
+    assert set(table["class_name"]) == found
+    assert all(names[i - 1] == n for i, n in zip(table["class_id"], table["class_name"]))  # 1-based, as the label image
+
+    root = zarr.open_group(str(out / "consep.ome.zarr"), mode="r")
+    meta = root["labels"]["classes"].attrs["ome"]["image-label"]
+    assert [p["class"] for p in meta["properties"]] == names
+    assert [c["rgba"][:3] for c in meta["colors"]] == [colours[n] for n in names]
+    cls_img = root["labels"]["classes"]["0"][:]
+    assert set(np.unique(cls_img)) - {0} == {names.index(n) + 1 for n in found}
+
+    stats = json.loads((out / "stats" / "summary.json").read_text())
+    assert set(names) <= set(stats["classes"])
+    report = (out / "stats" / "report.html").read_text()
+    assert all(n in report for n in names)
