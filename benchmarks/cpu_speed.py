@@ -1,14 +1,17 @@
 """Where a tile's forward pass spends its time on the CPU, and how fast each inference setting covers tissue.
 
-    python benchmarks/cpu_speed.py [--model M.safetensors] [--tiles 32] [--proposals 1000 500 300 150]
-                                   [--pq] [--out benchmarks/results/cpu_speed.json]
+    python benchmarks/cpu_speed.py [--model M.safetensors] [--tiles 32] [--settings 1000x1 300x1 300x2 150x2]
+                                   [--pq] [--end-to-end] [--chosen 300x2] [--out benchmarks/results/cpu_speed.json]
 
 Real tiles are read from the bundled CMU-1 sample at the model's mpp. For every setting (post-NMS proposals
 at test time) it prints the stages of the forward pass (backbone, FPN, RPN, box head, mask head) and the
 post-processing (mask pasting), the tiles per second, and the mm² of tissue per minute that rate gives
-(each tile contributes its core: (tile - overlap)² pixels). With ``--pq`` it also scores each setting on the
-MoNuSeg validation images (configs/default-split.json), so that a faster setting is only taken at the same
-accuracy. The first setting is the baseline; ratios are against it, measured in the same run.
+(each tile contributes its core: (tile - overlap)² pixels). A setting is PROPOSALSxSTREAMS: post-NMS RPN
+proposals at test time, and batches run at once on the CPU (``DeviceConfig.streams``; streams do not change
+the detections). With ``--pq`` it scores each proposal count on the validation images of every dataset of the
+training config (``--config``), so that a faster setting is only taken at the same accuracy; with
+``--end-to-end`` it times ``wsiseg segment`` on CMU-1 per setting. The first setting is the baseline; ratios
+are against it, measured in the same run.
 """
 
 from __future__ import annotations
@@ -67,6 +70,7 @@ class StageClock:
 
 
 def measure(pred, tiles: np.ndarray, batch: int) -> dict:
+    """The stage profile of one batch at a time (one stream), in ms per tile."""
     clock = StageClock(pred.model)
     pred.predict(tiles[:batch])  # warm-up
     clock.t = {k: 0.0 for k in clock.t}
@@ -84,56 +88,123 @@ def measure(pred, tiles: np.ndarray, batch: int) -> dict:
     stages = {k: round(1000 * v / n, 2) for k, v in clock.t.items()}
     stages["other_forward"] = round(1000 * t_fwd / n - sum(stages.values()), 2)
     stages["postprocess_paste"] = round(1000 * t_post / n, 2)
-    return {"ms_per_tile": stages, "tiles_per_s": round(n / (t_fwd + t_post), 3), "nuclei_per_tile": n_det / n}
+    return {"ms_per_tile": stages, "tiles_per_s_one_stream": round(n / (t_fwd + t_post), 3),
+            "nuclei_per_tile": n_det / n}
+
+
+def throughput(pred, tiles: np.ndarray, batch: int) -> float:
+    """Tiles per second through forward pass and mask pasting, with the predictor's streams."""
+    from wsiseg.inference import infer_batches
+
+    batches = [(i, tiles[i : i + batch]) for i in range(0, len(tiles), batch)]
+    list(infer_batches(pred, batches[:2]))  # warm-up
+    t0 = time.perf_counter()
+    for _, px, raw in infer_batches(pred, batches):
+        pred.finish(raw, px.shape[1:3])
+    return len(tiles) / (time.perf_counter() - t0)
+
+
+def predictor(model: str, proposals: int, streams: int):
+    import dataclasses
+
+    from wsiseg.inference import load_predictor
+
+    pred = load_predictor(model, device="cpu")
+    pred.model.rpn._post_nms_top_n["testing"] = proposals
+    pred.model.rpn._pre_nms_top_n["testing"] = max(proposals, min(2 * proposals, 2000))
+    pred.device = dataclasses.replace(pred.device, streams=streams)
+    return pred
+
+
+def validation(pred, config: Path) -> dict:
+    """PQ and F1 on the validation images of every dataset of a training config (its split files)."""
+    from wsiseg.datasets import InstanceFolder
+    from wsiseg.evaluation import evaluate_predictor
+    from wsiseg.training import TrainConfig
+
+    cfg = TrainConfig.from_yaml(config)
+    sets = cfg.datasets or [{"name": Path(cfg.data).name, "path": cfg.data, "split": "configs/default-split.json"}]
+    out = {}
+    for d in sets:
+        names = json.loads((REPO / d["split"]).read_text())["val"]
+        path = Path(d["path"]) if Path(d["path"]).is_absolute() else REPO / d["path"]
+        data = InstanceFolder(path, names=names)
+        m = evaluate_predictor(pred, data.samples, pred.card.class_names)
+        out[d.get("name", path.name)] = {"pq": round(m["pq"], 4), "f1": round(m["f1"], 4)}
+    return out
+
+
+def end_to_end(model: str, proposals: int, streams: int) -> dict:
+    """``wsiseg segment`` on the bundled CMU-1 sample with this setting: mm² of tissue per minute of wall time."""
+    import tempfile
+
+    from wsiseg.pipeline import SegmentOptions, segment_slide
+
+    pred = predictor(model, proposals, streams)
+    with tempfile.TemporaryDirectory() as tmp:
+        s = segment_slide(REPO / "examples" / "CMU-1-Small-Region.svs", pred, Path(tmp) / "out",
+                          SegmentOptions(progress=False))
+    return {"wall_s": s["wall_s"], "tissue_mm2": s["tissue_area_mm2"], "nuclei": s["nuclei"],
+            "mm2_per_min": round(s["tissue_area_mm2"] / s["wall_s"] * 60, 3)}
 
 
 def main() -> None:
-    from wsiseg.card import default_model_path
-    from wsiseg.inference import load_predictor
+    from wsiseg.card import default_model_path, load_card
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=default_model_path())
     ap.add_argument("--tiles", type=int, default=32)
     ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--proposals", type=int, nargs="+", default=[1000, 500, 300, 150])
-    ap.add_argument("--pq", action="store_true", help="score each setting on the MoNuSeg validation images")
+    ap.add_argument("--settings", nargs="+", default=["1000x1", "300x1", "300x2", "150x2"],
+                    help="PROPOSALSxSTREAMS; the first is the baseline")
+    ap.add_argument("--pq", action="store_true", help="score each proposal count on every validation set")
+    ap.add_argument("--config", default=str(REPO / "configs" / "default.yaml"),
+                    help="training config whose validation splits --pq uses")
+    ap.add_argument("--end-to-end", action="store_true", help="also time wsiseg segment on CMU-1 per setting")
+    ap.add_argument("--chosen", default=None, help="the setting that ships (PROPOSALSxSTREAMS)")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "cpu_speed.json"))
     args = ap.parse_args()
-    torch.set_num_threads(torch.get_num_threads())
-    base = load_predictor(args.model, device="cpu")
-    card = base.card
+    card = load_card(args.model)
     tiles = real_tiles(card, args.tiles)
     core_mm2 = ((card.tile_size - card.overlap) * card.mpp / 1000) ** 2
-    rows = []
-    for k in args.proposals:
-        pred = load_predictor(args.model, device="cpu")
-        pred.model.rpn._post_nms_top_n["testing"] = k
-        pred.model.rpn._pre_nms_top_n["testing"] = max(k, min(2 * k, 2000))
-        r = {"rpn_post_nms_top_n_test": k, **measure(pred, tiles, args.batch)}
+    rows, scored = [], {}
+    for setting in args.settings:
+        proposals, streams = (int(x) for x in setting.split("x"))
+        pred = predictor(args.model, proposals, streams)
+        r = {"setting": setting, "rpn_post_nms_top_n_test": proposals, "streams": streams,
+             **measure(predictor(args.model, proposals, 1), tiles, args.batch)}
+        r["tiles_per_s"] = round(throughput(pred, tiles, args.batch), 3)
         r["mm2_per_min_forward"] = round(r["tiles_per_s"] * 60 * core_mm2, 3)
         if args.pq:
-            from wsiseg.datasets import InstanceFolder
-            from wsiseg.evaluation import evaluate_predictor
-
-            names = json.loads((REPO / "configs" / "default-split.json").read_text())["val"]
-            data = InstanceFolder(REPO.parent / "shared" / "data" / "monuseg-train", names=names)
-            m = evaluate_predictor(pred, data.samples, ["nucleus"])
-            r["monuseg_val"] = {"pq": round(m["pq"], 4), "f1": round(m["f1"], 4)}
+            if proposals not in scored:  # streams do not change the detections
+                scored[proposals] = validation(pred, Path(args.config))
+            r["validation"] = scored[proposals]
+        if args.end_to_end:
+            r["end_to_end"] = end_to_end(args.model, proposals, streams)
         rows.append(r)
         print(json.dumps(r), flush=True)
-    base_rate = rows[0]["tiles_per_s"]
-    print(f"\n{'proposals':>9} {'tiles/s':>8} {'ratio':>6} {'mm²/min':>8}  backbone fpn rpn box mask other paste (ms/tile)"
-          + ("  PQ     F1" if args.pq else ""))
+    base = rows[0]
+    print(f"\n{'setting':>8} {'tiles/s':>8} {'ratio':>6} {'mm²/min fwd':>11} {'e2e':>6} {'ratio':>6}  "
+          "backbone fpn rpn box_pool box mask_pool mask paste (ms/tile, one stream)")
     for r in rows:
         s = r["ms_per_tile"]
-        print(f"{r['rpn_post_nms_top_n_test']:>9} {r['tiles_per_s']:>8.2f} {r['tiles_per_s'] / base_rate:>6.2f} "
-              f"{r['mm2_per_min_forward']:>8.3f}  {s['backbone']:.0f} {s['fpn']:.0f} {s['rpn']:.0f} {s['box_head']:.0f} "
-              f"{s['mask_head']:.0f} {s['other_forward']:.0f} {s['postprocess_paste']:.0f}"
-              + (f"  {r['monuseg_val']['pq']:.4f} {r['monuseg_val']['f1']:.4f}" if args.pq else ""))
+        e2e = r.get("end_to_end", {}).get("mm2_per_min")
+        e2e_ratio = e2e / base["end_to_end"]["mm2_per_min"] if e2e else None
+        print(f"{r['setting']:>8} {r['tiles_per_s']:>8.2f} {r['tiles_per_s'] / base['tiles_per_s']:>6.2f} "
+              f"{r['mm2_per_min_forward']:>11.3f} {e2e or float('nan'):>6.3f} {e2e_ratio or float('nan'):>6.2f}  "
+              f"{s['backbone']:.0f} {s['fpn']:.0f} {s['rpn']:.0f} {s['box_pool']:.0f} {s['box_head']:.0f} "
+              f"{s['mask_pool']:.0f} {s['mask_head'] + s['mask_predictor']:.0f} {s['postprocess_paste']:.0f}")
+        for name, v in r.get("validation", {}).items():
+            b = base.get("validation", {}).get(name)
+            print(f"{'':>10}{name:<12} PQ {v['pq']:.4f} F1 {v['f1']:.4f}"
+                  + (f"  (ΔPQ {v['pq'] - b['pq']:+.4f}, ΔF1 {v['f1'] - b['f1']:+.4f})" if b else ""))
+    chosen = next((r for r in rows if r["setting"] == args.chosen), None)
     write_result(args.out, {"model": card.name, "threads": torch.get_num_threads(), "tiles": len(tiles),
-                            "tile_size": card.tile_size, "overlap": card.overlap, "settings": rows,
-                            "note": "forward pass and mask pasting only; end-to-end mm2_per_min comes from a "
-                                    "segment run's summary.json"})
+                            "tile_size": card.tile_size, "overlap": card.overlap, "baseline": base["setting"],
+                            "settings": rows, "chosen": args.chosen,
+                            "mm2_per_min": (chosen or {}).get("end_to_end", {}).get("mm2_per_min"),
+                            "note": "tiles_per_s: forward pass and mask pasting with the setting's streams; "
+                                    "mm2_per_min: wsiseg segment on CMU-1-Small-Region end to end (its summary.json)"})
 
 
 if __name__ == "__main__":
