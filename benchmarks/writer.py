@@ -1,8 +1,8 @@
 """The writing side of a run without the model: replay a slide's recorded model outputs through
 post-processing, stitching and every writer, and report how fast one process goes and where the time goes.
 
-    python benchmarks/writer.py [--slide examples/CMU-1-Small-Region.svs] [--model M] [--repeat 1]
-                                [--processes 1 2] [--out benchmarks/results/writer.json]
+    python benchmarks/writer.py [--slide examples/CMU-1-Small-Region.svs] [--model M]
+                                [--processes 1 2] [--workers 1 2] [--out benchmarks/results/writer.json]
 
 The model runs once over the slide's tiles and its raw outputs (boxes, scores, classes, mask probabilities)
 and the tiles' pixels are kept in memory; then each replay feeds them, in batches as the pipeline does, to a
@@ -10,7 +10,8 @@ and the tiles' pixels are kept in memory; then each replay feeds them, in batche
 the seconds of each stage (post-processing with mask pasting, stitching, writing: records with features,
 polygons and GeoJSON, the table, Zarr painting; then closing: pyramid, preview and statistics). With several
 ``--processes`` the replay runs that many times at once, one per process, as independent slides would (the
-machine's capacity for the writing side; a parallel writer for one slide is not built yet).
+machine's capacity for the writing side). With ``--workers`` one slide is replayed through a SlideWriter with
+that many pool processes (finishing detections, measuring and outlining nuclei), as a GPU run does.
 Goal of issue 18: at least 15 tiles/s per core.
 """
 
@@ -56,13 +57,14 @@ def record(slide_path: str, model: str, batch: int = 4):
 
 def replay(args) -> dict:
     """One replay through a SlideWriter; returns its counts and stage timings."""
-    sp, card, score_t, mask_t, tiles, pixels, raws, slide_info, batch = args
+    sp, card, score_t, mask_t, tiles, pixels, raws, slide_info, batch, *rest = args
+    workers = rest[0] if rest else 1
     from wsiseg.sink import SlideWriter, WriterSpec
 
     with tempfile.TemporaryDirectory() as tmp:
         run = {**slide_info["run"], "tissue_mask": sp.tissue.mask, "tissue_downsample": sp.tissue.downsample}
         spec = WriterSpec(tmp_dir=Path(tmp), stem="replay", grid=sp.grid, plan=sp.plan, slide_name=slide_info["name"], card=card,
-                          score_threshold=score_t, mask_threshold=mask_t, stats_run=run)
+                          score_threshold=score_t, mask_threshold=mask_t, stats_run=run, workers=workers)
         t0 = time.perf_counter()
         w = SlideWriter(spec)
         for i in range(0, len(tiles), batch):
@@ -82,6 +84,8 @@ def main() -> None:
     ap.add_argument("--model", default=default_model_path())
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--processes", type=int, nargs="+", default=[1, os.cpu_count() or 1])
+    ap.add_argument("--workers", type=int, nargs="+", default=[1, os.cpu_count() or 1],
+                    help="writer pool sizes for one slide (SlideWriter workers)")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "writer.json"))
     a = ap.parse_args()
     sp, card, score_t, mask_t, tiles, pixels, raws, forward_s, slide = record(a.slide, a.model, a.batch)
@@ -115,7 +119,12 @@ def main() -> None:
         wall = time.perf_counter() - t0
         scaling.append({"processes": p, "tiles_per_s": round(sum(r["tiles"] for r in rs) / wall, 2)})
         print(f"{p} process(es) at once: {scaling[-1]['tiles_per_s']} tiles/s in all")
-    write_result(a.out, {"slide": a.slide, "model": card.name, "tiles": len(tiles), "nuclei": one["nuclei"],
+    one_slide = []
+    for w in sorted(set(a.workers)):
+        r = replay((*job, w))
+        one_slide.append({"workers": w, "tiles_per_s": r["tiles_per_s"], "nuclei_per_s": r["nuclei_per_s"]})
+        print(f"one slide, {w} writer worker(s): {r['tiles_per_s']} tiles/s, {r['nuclei_per_s']} nuclei/s")
+    write_result(a.out, {"one_slide_workers": one_slide, "slide": a.slide, "model": card.name, "tiles": len(tiles), "nuclei": one["nuclei"],
                          "tiles_per_s_per_process": one["tiles_per_s"], "nuclei_per_s_per_process": one["nuclei_per_s"],
                          "stages_s": one["stages_s"], "profile_top_s": {n: round(t, 3) for t, n in rows},
                          "scaling": scaling, "goal_tiles_per_s_per_core": 15})

@@ -542,3 +542,25 @@ def test_any_object_with_the_predictor_interface_segments_a_slide(tmp_path):
     assert len(table) == s["nuclei"] > 0
     assert (table["score"] >= 0.5).all()  # the 0.3 detections were dropped by the writer's finishing step
     assert table["area_um2"].between(40, 80).all()  # the 28 x 28 disc pasted into its 20 px box (r ≈ 8.6 px)
+
+
+def test_outputs_are_the_same_bytes_for_any_number_of_writer_workers(tmp_path):
+    """Finishing detections and measuring nuclei in a pool of processes changes no byte of any output."""
+    path, _, _ = _slide(tmp_path, h=900, w=1100, seed=4)
+    pred = ThresholdPredictor(threshold_card(mpp=0.5, tile_size=128, overlap=48))
+    runs = {}
+    for workers, writer in ((1, "thread"), (3, "process")):
+        out = tmp_path / f"out{workers}"
+        s = segment_slide(path, pred, out, SegmentOptions(tissue="whole", progress=False, writer=writer,
+                                                          writer_workers=workers))
+        assert s["settings"]["writer_workers"] == workers and s["nuclei"] > 100
+        runs[workers] = out
+    files = sorted(p.relative_to(runs[1]) for p in runs[1].rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(runs[3]) for p in runs[3].rglob("*") if p.is_file())
+    compared = 0
+    for f in files:
+        if f.name in ("summary.json", ".wsiseg-output", "report.html") or f.parent.name == "stats" and f.suffix == ".json":
+            continue  # timings, dates and the worker count itself
+        assert (runs[1] / f).read_bytes() == (runs[3] / f).read_bytes(), f
+        compared += 1
+    assert compared > 20  # GeoJSON, table, every Zarr chunk and attribute file, statistics images

@@ -133,7 +133,7 @@ def output_checksums(folder: Path) -> dict[str, str]:
 
 def settings_fingerprint(model: str, options: dict) -> str:
     """What a slide's result depends on: the model's bytes (or name) and every option that changes outputs."""
-    ignore = {"progress", "overwrite", "workers", "prefetch", "writer"}
+    ignore = {"progress", "overwrite", "workers", "prefetch", "writer", "writer_workers"}
     model_id = _sha256(Path(model)) if Path(model).is_file() else str(model)
     text = json.dumps({"model": model_id, **{k: v for k, v in sorted(options.items()) if k not in ignore}},
                       sort_keys=True, default=str)

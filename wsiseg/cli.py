@@ -90,7 +90,8 @@ def _segment_options(args: argparse.Namespace, **extra):
     tissue = args.region or ("whole" if args.whole_slide else "detect")
     return SegmentOptions(
         mpp=args.mpp, backend=args.backend, tissue=tissue, tile_size=args.tile_size, overlap=args.overlap,
-        batch_size=args.batch_size, on_oversize=args.on_oversize, writer=args.writer, geojson=args.geojson,
+        batch_size=args.batch_size, on_oversize=args.on_oversize, writer=args.writer,
+        writer_workers=args.writer_workers, geojson=args.geojson,
         table=args.table, zarr=not args.no_zarr, stats=not args.no_stats, **extra)
 
 
@@ -283,6 +284,9 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
                    help="what to do with a nucleus wider than the overlap allows")
     p.add_argument("--writer", default="process", choices=["process", "thread"],
                    help="run stitching and the writers in a low-priority process (default) or a thread")
+    p.add_argument("--writer-workers", type=WORKERS, default=None,
+                   help="processes that measure and outline nuclei for the writer "
+                        "(default: 1 on the CPU, all cores but two beside a GPU)")
     p.add_argument("--geojson", default="geojson.gz", choices=["geojson", "geojson.gz", "none"])
     p.add_argument("--table", default="parquet", choices=["parquet", "csv"])
     p.add_argument("--no-zarr", action="store_true", help="skip the OME-Zarr label images")

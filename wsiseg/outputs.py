@@ -99,6 +99,31 @@ def nucleus_record(n: Nucleus, plan: ReadPlan, slide_name: str, card: ModelCard)
 
 
 # ---------------------------------------------------------------------- GeoJSON
+def geojson_feature(n: Nucleus, record: dict, plan: ReadPlan, card: ModelCard) -> str | None:
+    """A nucleus as a QuPath detection (compact JSON text), with its table record's measurements."""
+    coords = mask_polygon(n.mask, n.box[0], n.box[1], plan.level0_per_model_px)
+    if coords is None:
+        return None
+    cls = card.classes[n.label] if 0 <= n.label < len(card.classes) else None
+    measurements = {"nucleus_id": n.id}
+    measurements.update({k: record[k] for k in MEASUREMENT_COLUMNS if k in record})
+    measurements = {k: v for k, v in measurements.items() if isinstance(v, (int, float)) and math.isfinite(v)}
+    feature = {
+        "type": "Feature",
+        "id": record["uuid"],
+        "geometry": {"type": "Polygon", "coordinates": [coords]},
+        "properties": {
+            "objectType": "detection",
+            "classification": {
+                "name": cls.name if cls else "unknown",
+                "color": list(cls.color) if cls else [128, 128, 128],
+            },
+            "measurements": measurements,
+        },
+    }
+    return json.dumps(feature, separators=(",", ":"))
+
+
 class GeoJSONWriter:
     """A QuPath-readable FeatureCollection of detections, written one feature at a time."""
 
@@ -108,35 +133,22 @@ class GeoJSONWriter:
         self.plan, self.card = plan, card
         raw = open(self.tmp, "wb")
         self._raw = raw
-        self._gz = gzip.GzipFile(filename=self.path.name, fileobj=raw, mode="wb", compresslevel=6, mtime=0) if self.path.suffix == ".gz" else None
+        gz = self.path.suffix == ".gz"
+        self._gz = gzip.GzipFile(filename=self.path.name, fileobj=raw, mode="wb", compresslevel=6, mtime=0) if gz else None
         self._f = io.TextIOWrapper(self._gz or raw, encoding="utf-8")
         self._f.write('{"type":"FeatureCollection","features":[\n')
         self.count = 0
 
     def write(self, n: Nucleus, record: dict) -> None:
-        coords = mask_polygon(n.mask, n.box[0], n.box[1], self.plan.level0_per_model_px)
-        if coords is None:
+        self.write_feature(geojson_feature(n, record, self.plan, self.card))
+
+    def write_feature(self, text: str | None) -> None:
+        """Append one feature made by :func:`geojson_feature` (``None``: a nucleus without an outline)."""
+        if text is None:
             return
-        cls = self.card.classes[n.label] if 0 <= n.label < len(self.card.classes) else None
-        measurements = {"nucleus_id": n.id}
-        measurements.update({k: record[k] for k in MEASUREMENT_COLUMNS if k in record})
-        measurements = {k: v for k, v in measurements.items() if isinstance(v, (int, float)) and math.isfinite(v)}
-        feature = {
-            "type": "Feature",
-            "id": record["uuid"],
-            "geometry": {"type": "Polygon", "coordinates": [coords]},
-            "properties": {
-                "objectType": "detection",
-                "classification": {
-                    "name": cls.name if cls else "unknown",
-                    "color": list(cls.color) if cls else [128, 128, 128],
-                },
-                "measurements": measurements,
-            },
-        }
         if self.count:
             self._f.write(",\n")
-        self._f.write(json.dumps(feature, separators=(",", ":")))
+        self._f.write(text)
         self.count += 1
 
     def close(self) -> Path:

@@ -35,6 +35,7 @@ class SegmentOptions:
     prefetch: int = 8
     on_oversize: str = "error"
     writer: str = "process"  # process | thread: where stitching and the writers run beside the model
+    writer_workers: int | None = None  # processes measuring nuclei for the writer; None: see writer_workers()
     geojson: str = "geojson.gz"  # geojson | geojson.gz | none
     table: str = "parquet"  # parquet | csv
     zarr: bool = True
@@ -130,7 +131,18 @@ def _writer_spec(slide_path: Path, slide, sp, predictor: Predictor, tmp_dir: Pat
                       score_threshold=predictor.score_threshold, mask_threshold=predictor.mask_threshold,
                       stats_run=stats_run if o.stats else None,
                       stats_cell_um=o.density_cell_um, region_wkb=sp.tissue.region_wkb,
-                      min_area_um2=card.min_area_um2 if o.min_area_um2 is None else o.min_area_um2)
+                      min_area_um2=card.min_area_um2 if o.min_area_um2 is None else o.min_area_um2,
+                      workers=o.writer_workers or writer_workers(predictor))
+
+
+def writer_workers(predictor: Predictor) -> int:
+    """How many processes measure nuclei beside the model by default: on a GPU the CPU side sets the pace, so
+    all cores but two (the model's feeding thread and the writer itself); on the CPU the model needs the
+    cores, so none beyond the writer."""
+    if not predictor.device_name.startswith("cuda"):
+        return 1
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(16, cores - 2))
 
 
 def _classes(card) -> list[dict]:
@@ -241,6 +253,6 @@ def _run(slide_path: Path, predictor: Predictor, tmp_dir: Path, o: SegmentOption
         "settings": {"score_threshold": spec.score_threshold, "mask_threshold": spec.mask_threshold,
                      "nms_threshold": card.config.nms_thresh, "tile_size": tile_size, "overlap": overlap,
                      "batch_size": o.batch_size, "mpp_override": o.mpp, "tissue": o.tissue,
-                     "on_oversize": o.on_oversize, "backend": o.backend,
+                     "on_oversize": o.on_oversize, "backend": o.backend, "writer_workers": written.get("writer_workers", 1),
                      "min_area_um2": spec.min_area_um2},
     }

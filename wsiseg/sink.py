@@ -18,6 +18,8 @@ import signal
 import threading
 import time
 import traceback
+from collections import deque
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +27,13 @@ import numpy as np
 
 from .card import ModelCard
 from .detections import ModelOutput
-from .outputs import GeoJSONWriter, TableWriter, ZarrWriter, nucleus_record
+from .outputs import (
+    GeoJSONWriter,
+    TableWriter,
+    ZarrWriter,
+    geojson_feature,
+    nucleus_record,
+)
 from .stitching import Stitcher, min_area_px
 from .tiling import ReadPlan, Tile, TileGrid
 from .timing import Timer
@@ -52,6 +60,36 @@ class WriterSpec:
     stats_cell_um: float = 100.0
     region_wkb: bytes | None = None  # keep only nuclei whose centroid lies in these level-0 polygons
     min_area_um2: float = 0.0  # smaller objects are dropped (and counted)
+    workers: int = 1  # processes that finish detections and measure nuclei (1: all in the writer itself)
+
+
+def _finish_tile(output: ModelOutput, size: tuple[int, int], score_threshold: float,
+                 mask_threshold: float):
+    return output.finish(size, score_threshold, mask_threshold)
+
+
+def _describe(nuclei: list, plan: ReadPlan, slide_name: str, card: ModelCard, geojson: bool) -> list:
+    """The table record and GeoJSON feature text of each of a tile's final nuclei (ids already given)."""
+    out = []
+    for n in nuclei:
+        rec = nucleus_record(n, plan, slide_name, card)
+        out.append((rec, geojson_feature(n, rec, plan, card) if geojson else None))
+    return out
+
+
+class _Inline:
+    """The part of an executor that SlideWriter uses, running each job at once in this process."""
+
+    def submit(self, fn, *args) -> Future:
+        f: Future = Future()
+        try:
+            f.set_result(fn(*args))
+        except BaseException as exc:
+            f.set_exception(exc)
+        return f
+
+    def shutdown(self, wait: bool = True, cancel_futures: bool = False) -> None:
+        pass
 
 
 class SlideWriter:
@@ -59,6 +97,11 @@ class SlideWriter:
 
     ``add`` takes a batch of tiles with their pixels and the predictor's output for each
     (:class:`~wsiseg.detections.ModelOutput`), which it finishes with the run's thresholds.
+
+    With ``spec.workers`` > 1 the per-tile work that depends on nothing else (finishing the model's
+    output; measuring and outlining each final nucleus) runs in a pool of processes, while the decisions
+    that depend on order (stitching, ids, every write) stay here, in tile order: the files are the same
+    bytes for any number of workers.
     """
 
     def __init__(self, spec: WriterSpec):
@@ -85,6 +128,11 @@ class SlideWriter:
         self.region = None
         self.outside_region = 0
         self.next_id = 1
+        self.workers = 1 if mp.current_process().daemon else max(1, int(spec.workers))  # daemons have no children
+        self.pool = (ProcessPoolExecutor(self.workers, mp_context=mp.get_context("spawn")) if self.workers > 1
+                     else _Inline())
+        self.finishing: deque = deque()  # (tiles, pixels, futures of their detections), in tile order
+        self.describing: deque = deque()  # (tile, final nuclei, future of their records), in final order
         if spec.region_wkb is not None:
             import shapely
 
@@ -108,38 +156,65 @@ class SlideWriter:
         return int(self.per_class.sum())
 
     def add(self, tiles: list[Tile], pixels: np.ndarray, outputs: list[ModelOutput]) -> None:
-        s, t0 = self.spec, time.perf_counter()
-        dets = [o.finish(pixels.shape[1:3], s.score_threshold, s.mask_threshold) for o in outputs]
-        t0 = self.timer.add("postprocess", t0)
-        for tile, px, det in zip(tiles, pixels, dets):
-            final = self.stitcher.add(tile, det, px)
-            t0 = self.timer.add("stitch", t0)
-            if self.zw is not None:
-                self.zw.write_preview(tile, px)
-            self._write(final)
-            t0 = self.timer.add("write", t0)
+        s = self.spec
+        size = pixels.shape[1:3]
+        jobs = [self.pool.submit(_finish_tile, o, size, s.score_threshold, s.mask_threshold) for o in outputs]
+        self.finishing.append((tiles, pixels, jobs))
+        self._advance()
 
-    def _write(self, final: list) -> None:
-        """Stream the nuclei of tiles that became final to every writer."""
+    def _advance(self, drain: bool = False) -> None:
+        """Stitch the batches whose detections are ready, in order, then write what is measured; with
+        ``drain``, or when too much is in flight, wait for the oldest."""
+        depth = 2 * self.workers
+        while self.finishing and (drain or len(self.finishing) > depth
+                                  or all(f.done() for f in self.finishing[0][2])):
+            tiles, pixels, jobs = self.finishing.popleft()
+            t0 = time.perf_counter()
+            dets = [f.result() for f in jobs]
+            t0 = self.timer.add("postprocess", t0)
+            for tile, px, det in zip(tiles, pixels, dets):
+                final = self.stitcher.add(tile, det, px)
+                if self.zw is not None:
+                    self.zw.write_preview(tile, px)
+                t0 = self.timer.add("stitch", t0)
+                self._measure(final)
+            self._write(drain=False)
+        self._write(drain)
+
+    def _measure(self, final: list) -> None:
+        """Number the nuclei of tiles that became final and have them measured and outlined."""
         s = self.spec
         for tile, nuclei in final:
             kept = self._in_region(nuclei)
             for n in kept:
                 n.id = self.next_id  # numbered after the region filter: ids run 1..N
                 self.next_id += 1
-                rec = nucleus_record(n, s.plan, s.slide_name, s.card)
+            job = self.pool.submit(_describe, kept, s.plan, s.slide_name, s.card, self.gj is not None)
+            self.describing.append((tile, kept, job))
+
+    def _write(self, drain: bool) -> None:
+        """Stream measured nuclei, in order, to every writer."""
+        t0 = time.perf_counter()
+        depth = 8 * self.workers
+        while self.describing and (drain or len(self.describing) > depth or self.describing[0][2].done()):
+            tile, kept, job = self.describing.popleft()
+            for n, (rec, feature) in zip(kept, job.result()):
                 self.tw.write(rec)
                 if self.gj is not None:
-                    self.gj.write(n, rec)
+                    self.gj.write_feature(feature)
                 self.per_class[n.label] += 1
                 n.rgb = None
             if self.zw is not None:
                 self.zw.add_final(tile, kept)
+        self.timer.add("write", t0)
 
     def close(self) -> dict:
         """Finish every output; returns their paths, the counts and the stage timings."""
         t0 = time.perf_counter()
-        self._write(self.stitcher.close())
+        self._advance(drain=True)
+        self._measure(self.stitcher.close())
+        self._write(drain=True)
+        self.pool.shutdown()
         outputs = {}
         if self.zw is not None:
             outputs["zarr"] = str(self.zw.close())
@@ -162,9 +237,12 @@ class SlideWriter:
                 "dropped_small": self.stitcher.dropped_small,
                 "redundant_detections": self.stitcher.duplicates,
                 "outside_region": self.outside_region,
+                "writer_workers": self.workers,
                 "timings_s": dict(self.timer.totals)}
 
     def abort(self) -> None:
+        if getattr(self, "pool", None) is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
         for w in self.writers:
             try:
                 w.abort()
@@ -349,7 +427,7 @@ class ProcessSink:
         self._nuclei = ctx.Value("q", 0, lock=False)
         self.result: dict | None = None
         self.proc = ctx.Process(target=_serve, args=(spec, self.inq, self.outq, self._nuclei, nice),
-                                name="wsiseg-writer", daemon=True)
+                                name="wsiseg-writer", daemon=spec.workers <= 1)  # a daemon has no pool
         self.proc.start()
 
     @property
