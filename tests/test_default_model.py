@@ -25,13 +25,21 @@ def test_default_model_is_bundled_with_a_card():
     assert path is not None, "wsiseg/models/default.safetensors is missing from the installation"
     assert Path(path).stat().st_size <= 50e6
     card = load_card(path)
-    assert card.class_names == ["nucleus"] and card.mpp == 0.25
+    assert card.class_names == ["epithelial", "inflammatory", "spindle", "other"] and card.mpp == 0.25
     assert card.overlap < card.tile_size and card.description
     val = card.metrics["validation"]
-    assert {"pq", "f1", "aji", "AP50"} <= set(val)
-    # the validation images named in the card are the ones held out in the config's split
-    assert card.metrics["val_images"] == json.loads(SPLIT.read_text())["val"]
-    assert not set(card.metrics["val_images"]) & set(json.loads(SPLIT.read_text())["train"])
+    assert {"pq", "f1", "aji"} <= set(val) and set(val["datasets"]) == {"consep", "monuseg", "gbm40", "tcga_glioma"}
+    assert card.training["steps_done"] > 0 and card.training["cpu_hours"] > 0
+    # the validation images named in the card are exactly those held out by the config's split files
+    import yaml
+
+    cfg = yaml.safe_load((REPO / "configs" / "default.yaml").read_text())
+    held_out, trained_on = [], []
+    for d in cfg["datasets"]:
+        split = json.loads((REPO / d["split"]).read_text())
+        held_out += split["val"]
+        trained_on += split["train"]
+    assert card.metrics["val_images"] == held_out and not set(held_out) & set(trained_on)
 
 
 def test_default_config_trains_what_is_shipped():
@@ -43,13 +51,14 @@ def test_default_config_trains_what_is_shipped():
     cfg = asdict(TrainConfig.from_yaml(REPO / "configs" / "default.yaml"))
     shipped = load_card(default_model_path()).training
     keys = ["model", "mpp", "tile_size", "overlap", "steps", "restarts", "batch_size", "lr", "warmup_steps",
-            "clip_grad", "seed", "bf16", "val_fraction"]
+            "clip_grad", "seed", "bf16", "class_names", "scale_jitter"]
     test_time = {"rpn_pre_nms_top_n_test", "rpn_post_nms_top_n_test"}  # inference settings, chosen later
 
     def trained(d):
         return {k: ({m: v for m, v in d[k].items() if m not in test_time} if k == "model" else d[k]) for k in keys}
 
     assert trained(cfg) == trained(shipped)
+    assert {d["name"]: d["share"] for d in cfg["datasets"]} == {k: v["share"] for k, v in shipped["datasets"].items()}
     card = load_card(default_model_path())
     assert {k: cfg["model"][k] for k in test_time} == {k: getattr(card.config, k) for k in test_time}
     assert cfg.get("restart_peaks") in (None, [], shipped.get("restart_peaks"))
