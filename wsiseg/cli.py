@@ -416,8 +416,6 @@ def _exit_code(exc: BaseException) -> tuple[int, str]:
 
     from .errors import DeviceUnavailableError, SchedulerUnreachableError
 
-    if isinstance(exc, NucleusTooLargeError):
-        return EXIT_USAGE, _with_hint(str(exc), "NucleusTooLargeError")
     if isinstance(exc, (SlideError, ValueError, FileNotFoundError, FileExistsError, ModelLoadError,
                         NucleusTooLargeError, NotADirectoryError, IsADirectoryError)):
         return EXIT_USAGE, _with_hint(str(exc), type(exc).__name__)

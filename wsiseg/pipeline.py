@@ -117,12 +117,12 @@ def _write_tissue_png(path: Path, mask: np.ndarray) -> None:
         raise OSError(f"{path}: cannot write the tissue mask")
 
 
-def _writer_spec(slide_path: Path, slide, sp, predictor: Predictor, tmp_dir: Path, o: SegmentOptions,
-                 started: float) -> WriterSpec:
+def _writer_spec(slide_path: Path, slide, sp, tissue_mm2: float, predictor: Predictor, tmp_dir: Path,
+                 o: SegmentOptions, started: float) -> WriterSpec:
     """What the writing side needs to know of this run, including what the slide statistics need."""
     card = predictor.card
     stats_run = {"slide": str(slide_path), "slide_dimensions": list(slide.dimensions), "slide_mpp": slide.mpp,
-                 "tissue_area_mm2": round(sp.tissue.area_mm2(slide.require_mpp()), 5), "model": card.name,
+                 "tissue_area_mm2": round(tissue_mm2, 5), "model": card.name,
                  "model_mpp": sp.plan.model_mpp, "started": started, "classes": _classes(card),
                  "tissue_mask": sp.tissue.mask, "tissue_downsample": sp.tissue.downsample}
     return WriterSpec(tmp_dir=tmp_dir, stem=slide_path.stem, grid=sp.grid, plan=sp.plan, slide_name=slide_path.name,
@@ -193,7 +193,7 @@ def _run(slide_path: Path, predictor: Predictor, tmp_dir: Path, o: SegmentOption
     t0 = timer.add("plan", t0)
     tissue_mm2 = sp.tissue.area_mm2(slide.require_mpp())
     _write_tissue_png(tmp_dir / "tissue.png", sp.tissue.mask)
-    spec = _writer_spec(slide_path, slide, sp, predictor, tmp_dir, o, started)
+    spec = _writer_spec(slide_path, slide, sp, tissue_mm2, predictor, tmp_dir, o, started)
     n_tiles = len(sp.grid)
     warnings = _warnings(sp, card, tile_size)
     for w in warnings:

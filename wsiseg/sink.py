@@ -63,11 +63,6 @@ class WriterSpec:
     workers: int = 1  # processes that finish detections and measure nuclei (1: all in the writer itself)
 
 
-def _finish_tile(output: ModelOutput, size: tuple[int, int], score_threshold: float,
-                 mask_threshold: float):
-    return output.finish(size, score_threshold, mask_threshold)
-
-
 def _describe(nuclei: list, plan: ReadPlan, slide_name: str, card: ModelCard, geojson: bool) -> list:
     """The table record and GeoJSON feature text of each of a tile's final nuclei (ids already given)."""
     out = []
@@ -158,7 +153,7 @@ class SlideWriter:
     def add(self, tiles: list[Tile], pixels: np.ndarray, outputs: list[ModelOutput]) -> None:
         s = self.spec
         size = pixels.shape[1:3]
-        jobs = [self.pool.submit(_finish_tile, o, size, s.score_threshold, s.mask_threshold) for o in outputs]
+        jobs = [self.pool.submit(o.finish, size, s.score_threshold, s.mask_threshold) for o in outputs]
         self.finishing.append((tiles, pixels, jobs))
         self._advance()
 

@@ -611,7 +611,8 @@ def train(cfg: TrainConfig, log=print) -> dict:
                 card.training.update(steps_done=step, cpu_hours=round(seconds * torch.get_num_threads() / 3600, 2),
                                      wall_hours=round(seconds / 3600, 2))
                 if val_names:
-                    best = _validate_and_keep_best(model, card, pools, class_names, cfg, step, best, out, log)
+                    best = _validate_and_keep_best(model, card, pools, class_names, val_names, cfg, step, best, out,
+                                                   log)
     finally:
         logf.close()
     if not val_names:
@@ -619,8 +620,8 @@ def train(cfg: TrainConfig, log=print) -> dict:
     return best
 
 
-def _validate_and_keep_best(model, card: ModelCard, pools: list[Pool], class_names: list[str], cfg: TrainConfig,
-                            step: int, best: dict, out: Path, log) -> dict:
+def _validate_and_keep_best(model, card: ModelCard, pools: list[Pool], class_names: list[str], val_names: list[str],
+                            cfg: TrainConfig, step: int, best: dict, out: Path, log) -> dict:
     """Validate, log to val.jsonl, and export the model when it beats ``best`` (by mean PQ); returns the best."""
     metrics = validate_pools(model, card, pools, class_names, cfg.device)
     log(f"validation at step {step}: " + ", ".join(f"{k}={v:.3f}" for k, v in metrics.items() if isinstance(v, float)))
@@ -629,7 +630,7 @@ def _validate_and_keep_best(model, card: ModelCard, pools: list[Pool], class_nam
     if metrics["pq"] <= best["pq"]:
         return best
     best = {"step": step, **metrics}
-    card.metrics = {"validation": best, "val_images": [n for p in pools for n in p.split["val"]]}
+    card.metrics = {"validation": best, "val_images": val_names}
     save_model(model, card, out / "best.safetensors", half=True)
     write_text_atomic(out / "best.json", json.dumps(best, indent=2))
     return best
