@@ -218,6 +218,52 @@ def _f_c(tp: int, tn: int, fp: int, fn: int, fp_d: int, fn_d: int) -> float:
     return num / den if den and (tp + fp + fn + fp_d + fn_d) else float("nan")
 
 
+def _image_classes(g: np.ndarray, p: np.ndarray, r: PQResult, gt_cls: dict[int, int], pred_cls: dict[int, int],
+                   n_classes: int) -> tuple[int, int, np.ndarray, dict[int, float]]:
+    """One image's class agreement: matched nuclei of a known class and how many of them agree, HoVer-Net's
+    F_c counts per class (rows of tp, tn, fp, fn, unmatched predictions, unmatched nuclei), and PQ per class
+    present in the image."""
+    gids = np.unique(g)
+    gids = gids[gids > 0]
+    pids = np.unique(p)
+    pids = pids[pids > 0]
+    fc = np.zeros((n_classes, 6), np.int64)
+    correct = total = 0
+    for gi, pi in r.pairs:
+        gc = gt_cls.get(int(gids[gi]))
+        if gc is None:
+            continue
+        total += 1
+        pc = pred_cls.get(int(pids[pi]), -1)
+        correct += int(pc == gc)
+        for c in range(n_classes):
+            if gc == c and pc == c:
+                fc[c, 0] += 1
+            elif gc != c and pc != c:
+                fc[c, 1] += 1
+            elif pc == c:
+                fc[c, 2] += 1
+            else:
+                fc[c, 3] += 1
+    matched_g = {int(gids[gi]) for gi, _ in r.pairs}
+    matched_p = {int(pids[pi]) for _, pi in r.pairs}
+    for i in gids:
+        gc = gt_cls.get(int(i))
+        if int(i) not in matched_g and gc is not None:
+            fc[gc, 5] += 1
+    for i in pids:
+        pc = pred_cls.get(int(i))
+        if int(i) not in matched_p and pc is not None and 0 <= pc < n_classes:
+            fc[pc, 4] += 1
+    pqs = {}
+    for c in range(n_classes):
+        gm = np.isin(g, [i for i in gids if gt_cls.get(int(i)) == c]) * g
+        pm = np.isin(p, [i for i in pids if pred_cls.get(int(i)) == c]) * p
+        if gm.max() or pm.max():
+            pqs[c] = panoptic_quality(gm, pm).pq
+    return correct, total, fc, pqs
+
+
 def evaluate_images(gts: list[np.ndarray], preds: list[np.ndarray], gt_classes: list[dict[int, int]] | None = None,
                     pred_classes: list[dict[int, int]] | None = None, class_names: list[str] | None = None,
                     pred_scores: list[dict[int, float]] | None = None, with_coco: bool = True,
@@ -255,42 +301,10 @@ def evaluate_images(gts: list[np.ndarray], preds: list[np.ndarray], gt_classes: 
             area_n, area_found = area_n + a, area_found + b
         if gt_classes is not None and pred_classes is not None and class_names and gt_classes[k]:
             # (an image whose nuclei have no class labels says nothing about classes)
-            gids = np.unique(g)
-            gids = gids[gids > 0]
-            pids = np.unique(p)
-            pids = pids[pids > 0]
-            for gi, pi in r.pairs:
-                gc = gt_classes[k].get(int(gids[gi]))
-                if gc is None:
-                    continue
-                total += 1
-                pc = pred_classes[k].get(int(pids[pi]), -1)
-                correct += int(pc == gc)
-                for c in range(len(class_names)):
-                    if gc == c and pc == c:
-                        fc[c, 0] += 1
-                    elif gc != c and pc != c:
-                        fc[c, 1] += 1
-                    elif pc == c:
-                        fc[c, 2] += 1
-                    else:
-                        fc[c, 3] += 1
-            matched_g = {int(gids[gi]) for gi, _ in r.pairs}
-            matched_p = {int(pids[pi]) for _, pi in r.pairs}
-            for i in gids:
-                gc = gt_classes[k].get(int(i))
-                if int(i) not in matched_g and gc is not None:
-                    fc[gc, 5] += 1
-            for i in pids:
-                pc = pred_classes[k].get(int(i))
-                if int(i) not in matched_p and pc is not None and 0 <= pc < len(class_names):
-                    fc[pc, 4] += 1
-            for c, name in enumerate(class_names):
-                gm = np.isin(g, [i for i in gids if gt_classes[k].get(int(i)) == c]) * g
-                pm = np.isin(p, [i for i in pids if pred_classes[k].get(int(i)) == c]) * p
-                if gm.max() == 0 and pm.max() == 0:
-                    continue
-                per_class_pq[name].append(panoptic_quality(gm, pm).pq)
+            ok, n, counts, pqs = _image_classes(g, p, r, gt_classes[k], pred_classes[k], len(class_names))
+            correct, total, fc = correct + ok, total + n, fc + counts
+            for c, v in pqs.items():
+                per_class_pq[class_names[c]].append(v)
     out = {k: float(np.mean(v)) if v else float("nan") for k, v in per.items()}
     out["f1"] = 2 * tp / (2 * tp + fp + fn) if (tp + fp + fn) else 1.0
     out.update(tp=tp, fp=fp, fn=fn, images=len(gts), errors=errors)

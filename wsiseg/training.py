@@ -16,7 +16,7 @@ import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -29,6 +29,9 @@ from .card import ModelCard, ModelConfig, default_classes
 from .datasets import Sample, load_dataset
 from .evaluation import evaluate_predictor
 from .model import NucleusRoIHeads, build_model, save_model
+
+if TYPE_CHECKING:
+    from .inference import DeviceConfig
 
 # ------------------------------------------------------------------ partial-label ROI heads
 
@@ -304,12 +307,12 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 
 def validate(model: torch.nn.Module, card: ModelCard, val: list[Sample], class_names: list[str],
-             device: str = "auto") -> dict:
-    """Metrics of a Mask R-CNN being trained, over labelled samples, on ``device`` (as inference runs there)."""
-    from .inference import MaskRCNNPredictor, select_device
+             device: DeviceConfig) -> dict:
+    """Metrics of a Mask R-CNN being trained, over labelled samples, run as inference runs on ``device``."""
+    from .inference import MaskRCNNPredictor
 
     model.eval()
-    return evaluate_predictor(MaskRCNNPredictor(model, card, select_device(device)), val, class_names)
+    return evaluate_predictor(MaskRCNNPredictor(model, card, device), val, class_names)
 
 
 def _truncate_log(path: Path, step: int) -> None:
@@ -469,7 +472,7 @@ def _pick_pool(pools: list[Pool], rng: np.random.Generator) -> Pool:
 
 
 def validate_pools(model: torch.nn.Module, card: ModelCard, pools: list[Pool], class_names: list[str],
-                   device: str = "auto") -> dict:
+                   device: DeviceConfig) -> dict:
     """Validation metrics; with several validated datasets, the mean PQ/F1/AJI over them and each one's."""
     per = {p.name: validate(model, card, p.val, class_names, device) for p in pools if p.val}
     if len(per) == 1:
@@ -552,6 +555,7 @@ def train(cfg: TrainConfig, log=print) -> dict:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     dev = select_device(cfg.device, "bf16" if cfg.bf16 else "fp32")
+    val_dev = select_device(cfg.device)  # validation runs as inference will
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     pools, class_names = training_pools(cfg)
@@ -611,8 +615,8 @@ def train(cfg: TrainConfig, log=print) -> dict:
                 card.training.update(steps_done=step, cpu_hours=round(seconds * torch.get_num_threads() / 3600, 2),
                                      wall_hours=round(seconds / 3600, 2))
                 if val_names:
-                    best = _validate_and_keep_best(model, card, pools, class_names, val_names, cfg, step, best, out,
-                                                   log)
+                    best = _validate_and_keep_best(model, card, pools, class_names, val_names, val_dev, cfg, step,
+                                                   best, out, log)
     finally:
         logf.close()
     if not val_names:
@@ -621,9 +625,9 @@ def train(cfg: TrainConfig, log=print) -> dict:
 
 
 def _validate_and_keep_best(model, card: ModelCard, pools: list[Pool], class_names: list[str], val_names: list[str],
-                            cfg: TrainConfig, step: int, best: dict, out: Path, log) -> dict:
+                            dev: DeviceConfig, cfg: TrainConfig, step: int, best: dict, out: Path, log) -> dict:
     """Validate, log to val.jsonl, and export the model when it beats ``best`` (by mean PQ); returns the best."""
-    metrics = validate_pools(model, card, pools, class_names, cfg.device)
+    metrics = validate_pools(model, card, pools, class_names, dev)
     log(f"validation at step {step}: " + ", ".join(f"{k}={v:.3f}" for k, v in metrics.items() if isinstance(v, float)))
     with open(out / "val.jsonl", "a") as f:
         f.write(json.dumps({"step": step, **metrics}) + "\n")
