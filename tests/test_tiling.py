@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from wsiseg.slide import SlideError, open_slide
 from wsiseg.tiling import (
     axis_bounds,
+    axis_starts,
     make_grid,
     plan_resolution,
     plan_slide,
@@ -39,6 +40,39 @@ def test_axis_cores_partition_and_sit_inside_tiles(extent, size, overlap_half):
             assert b[k] - lo >= overlap // 2, "left halo"
         if k < len(b) - 2:
             assert hi - b[k + 1] >= overlap // 2, "right halo"
+
+
+@settings(max_examples=300, deadline=None)
+@given(extent=st.integers(1, 5000), size=st.integers(8, 600), overlap_half=st.integers(0, 150))
+def test_windows_hold_core_and_halo_and_only_neighbours_meet(extent, size, overlap_half):
+    overlap = 2 * overlap_half
+    if 2 * overlap > size:
+        return
+    b, s = axis_bounds(extent, size, overlap), axis_starts(extent, size, overlap)
+    assert len(s) == len(b) - 1
+    for k, lo in enumerate(s):
+        hi = lo + size
+        assert lo >= 0 and lo <= b[k] and b[k + 1] <= hi, "core inside its window"
+        if k > 0:
+            assert b[k] - lo >= overlap // 2, "halo before the core"
+        if k < len(s) - 1:
+            assert hi - b[k + 1] >= overlap // 2, "halo after the core"
+        if k >= 2:
+            assert lo >= s[k - 2] + size, "windows two apart never meet (the stitching rule's locality)"
+    if len(s) >= 2:
+        # the last window ends at the image's end when it can, and never pads more than it did at k * stride
+        padding = s[-1] + size - extent
+        assert 0 <= padding <= (len(s) - 1) * (size - overlap) + size - extent
+        if extent - size >= (len(s) - 3) * (size - overlap) + size:
+            assert padding == 0
+
+
+def test_a_small_image_gets_a_small_tile_not_padding():
+    grid = make_grid(256, 256, 512, 64)
+    assert grid.tile_size == 256 and len(grid) == 1
+    assert make_grid(1000, 1000, 512, 64).tile_size == 512
+    grid = make_grid(1000, 1000, 256, 64)
+    assert [t.x for t in grid if t.row == 0] == [0, 192, 384, 576, 744]  # the last one ends at the edge
 
 
 def test_odd_overlap_is_refused():

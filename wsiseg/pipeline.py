@@ -213,7 +213,7 @@ def _run(slide_path: Path, predictor: Predictor, tmp_dir: Path, o: SegmentOption
     per_class = np.asarray(written["per_class"], np.int64)
     wall = time.time() - started
     n_nuclei = int(per_class.sum())
-    mp = n_tiles * tile_size * tile_size / 1e6
+    mp = n_tiles * sp.grid.tile_size**2 / 1e6
     return {
         "wsiseg_version": __version__,
         "slide": str(slide_path),
@@ -223,7 +223,7 @@ def _run(slide_path: Path, predictor: Predictor, tmp_dir: Path, o: SegmentOption
         "model_mpp": sp.plan.model_mpp,
         "read_level": sp.plan.level,
         "resize_factor": sp.plan.scale,
-        "tile_size": tile_size,
+        "tile_size": sp.grid.tile_size,  # smaller than asked when the slide is
         "overlap": overlap,
         "tiles": n_tiles,
         "grid": list(sp.grid.shape),
@@ -251,7 +251,7 @@ def _run(slide_path: Path, predictor: Predictor, tmp_dir: Path, o: SegmentOption
         "note": None if n_tiles else "no tissue found: outputs are empty",
         "warnings": warnings,
         "settings": {"score_threshold": spec.score_threshold, "mask_threshold": spec.mask_threshold,
-                     "nms_threshold": card.config.nms_thresh, "tile_size": tile_size, "overlap": overlap,
+                     "nms_threshold": card.config.nms_thresh, "tile_size": sp.grid.tile_size, "overlap": overlap,
                      "batch_size": o.batch_size, "mpp_override": o.mpp, "tissue": o.tissue,
                      "on_oversize": o.on_oversize, "backend": o.backend, "writer_workers": written.get("writer_workers", 1),
                      "min_area_um2": spec.min_area_um2},

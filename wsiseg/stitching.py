@@ -313,9 +313,9 @@ def segment_array(image: np.ndarray, predictor, tile_size: int, overlap: int, ba
     tiles = list(grid.tiles)
     for i in range(0, len(tiles), batch_size):
         batch = tiles[i : i + batch_size]
-        px = np.full((len(batch), tile_size, tile_size, 3), 255, np.uint8)
+        px = np.full((len(batch), grid.tile_size, grid.tile_size, 3), 255, np.uint8)
         for k, t in enumerate(batch):
-            sub = image[t.y : t.y + tile_size, t.x : t.x + tile_size]
+            sub = image[t.y : t.y + t.size, t.x : t.x + t.size]
             px[k, : sub.shape[0], : sub.shape[1]] = sub
         for t, det in zip(batch, predictor.predict(px)):
             nuclei.extend(n for _, ns in st.add(t, det) for n in ns)

@@ -118,6 +118,19 @@ def axis_bounds(extent: int, size: int, overlap: int) -> list[int]:
     return [0] + [k * stride + overlap // 2 for k in range(1, n)] + [extent]
 
 
+def axis_starts(extent: int, size: int, overlap: int) -> list[int]:
+    """Window start of each core of :func:`axis_bounds`: ``k * (size - overlap)``, except the last window,
+    which moves back toward the image's end (less padding beyond it) as far as it can without reaching
+    the window two before it, so that only neighbouring windows ever overlap."""
+    stride = size - overlap
+    n = len(axis_bounds(extent, size, overlap)) - 1
+    starts = [k * stride for k in range(n)]
+    if n >= 2:
+        two_before_end = (n - 3) * stride + size if n >= 3 else 0
+        starts[-1] = max(min(starts[-1], extent - size), two_before_end)
+    return starts
+
+
 @dataclass(frozen=True)
 class TileGrid:
     """The tiles that cover the tissue of one slide."""
@@ -165,8 +178,10 @@ def make_grid(
     ``model_px_per_mask_px`` maps tissue-mask pixels to model pixels; without
     a mask every tile is kept.
     """
+    # an image smaller than a tile gets a tile just large enough (whole multiples of 32 px), not padding
+    tile_size = min(tile_size, max(-(-max(width, height) // 32) * 32, 2 * overlap + 32))
     xb, yb = axis_bounds(width, tile_size, overlap), axis_bounds(height, tile_size, overlap)
-    stride = tile_size - overlap
+    xs, ys = axis_starts(width, tile_size, overlap), axis_starts(height, tile_size, overlap)
     ii = None
     if tissue is not None:
         if model_px_per_mask_px is None:
@@ -185,7 +200,7 @@ def make_grid(
                 my1 = min(mh, max(my0 + 1, int(math.ceil(core[3] / f))))
                 if ii[my1, mx1] - ii[my0, mx1] - ii[my1, mx0] + ii[my0, mx0] == 0:
                     continue
-            tiles.append(Tile(len(tiles), r, c, c * stride, r * stride, tile_size, core))
+            tiles.append(Tile(len(tiles), r, c, xs[c], ys[r], tile_size, core))
     return TileGrid(width, height, tile_size, overlap, tuple(xb), tuple(yb), tuple(tiles))
 
 
