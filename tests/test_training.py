@@ -199,6 +199,26 @@ def test_random_crop_targets():
     assert set(t["labels"]) <= {1, 2}
 
 
+def test_glass_crops_reach_past_the_image_with_blank_glass_and_no_nuclei_there():
+    s = _sample()
+    rng = np.random.default_rng(1)
+    s.image[:] = rng.integers(0, 180, s.image.shape, dtype=np.uint8)  # tissue: never uniform, never white
+    beyond = 0
+    for _ in range(20):
+        img, t = random_crop(s, 128, s.mpp, rng, scale_jitter=0.0, hed=False, glass=1.0)
+        assert img.shape == (128, 128, 3)
+        # rows or columns of uniform near-white glass on at least one side, and no nucleus mask on them
+        flat = [img[:8], img[-8:], img[:, :8], img[:, -8:]]
+        edges = [t["masks"][:, :8], t["masks"][:, -8:], t["masks"][:, :, :8], t["masks"][:, :, -8:]]
+        glass = [k for k, e in enumerate(flat) if e.min() >= 200 and np.ptp(e.reshape(-1, 3), 0).max() == 0]
+        assert glass, "some edge of the crop is blank glass"
+        assert all(not edges[k].any() for k in glass)
+        beyond += len(glass)
+    assert beyond >= 20
+    img, _ = random_crop(s, 128, s.mpp, np.random.default_rng(1), scale_jitter=0.0, hed=False, glass=0.0)
+    assert img.max() < 180  # without glass, a crop of a larger image is all image
+
+
 def test_split_keeps_source_images_together():
     names = [f"train_{i}_{j:03d}" for i in range(10) for j in range(4)]
     tr, va = split_names(names, TrainConfig(val_fraction=0.2, seed=3))

@@ -20,8 +20,12 @@ def hed_jitter(img: np.ndarray, rng: np.random.Generator, sigma: float = 0.05, b
 
 
 def random_crop(s: Sample, size: int, model_mpp: float, rng: np.random.Generator, scale_jitter: float = 0.1,
-                hed: bool = True, min_area: int = 8) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """An augmented crop at the model's mpp and its targets (boxes, labels, masks, class_known, mask_known)."""
+                hed: bool = True, min_area: int = 8, glass: float = 0.0) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """An augmented crop at the model's mpp and its targets (boxes, labels, masks, class_known, mask_known).
+
+    With probability ``glass`` the crop reaches past one or two edges of the image by 10-75% of its width,
+    and what lies beyond is blank glass: so that the model sees what tiles at the edge of tissue hold.
+    """
     import cv2
 
     scale = s.mpp / model_mpp * float(rng.uniform(1 - scale_jitter, 1 + scale_jitter))
@@ -29,12 +33,11 @@ def random_crop(s: Sample, size: int, model_mpp: float, rng: np.random.Generator
     h, w = s.instances.shape
     y0 = int(rng.integers(0, max(1, h - src + 1)))
     x0 = int(rng.integers(0, max(1, w - src + 1)))
-    img = s.image[y0 : y0 + src, x0 : x0 + src]
-    lab = s.instances[y0 : y0 + src, x0 : x0 + src]
-    if img.shape[0] != src or img.shape[1] != src:
-        pad = ((0, src - img.shape[0]), (0, src - img.shape[1]))
-        img = np.pad(img, pad + ((0, 0),), constant_values=255)
-        lab = np.pad(lab, pad)
+    fill = 255
+    if glass and rng.random() < glass:
+        y0, x0 = _past_edges(y0, x0, src, h, w, rng)
+        fill = _glass_colour(rng)
+    img, lab = _window(s.image, y0, x0, src, fill), _window(s.instances, y0, x0, src, 0)
     if src != size:
         img = cv2.resize(img, (size, size), interpolation=cv2.INTER_LINEAR)
         lab = cv2.resize(lab, (size, size), interpolation=cv2.INTER_NEAREST)
@@ -46,6 +49,39 @@ def random_crop(s: Sample, size: int, model_mpp: float, rng: np.random.Generator
     if hed:
         img = hed_jitter(img, rng)
     return img, targets_from_labels(lab, s.classes, s.no_mask, min_area)
+
+
+def _past_edges(y0: int, x0: int, src: int, h: int, w: int, rng: np.random.Generator) -> tuple[int, int]:
+    """The window moved past one edge of the image, or two (a corner)."""
+    sides = rng.choice(4, size=1 + int(rng.random() < 0.3), replace=False)
+    for side in sides:
+        out = int(rng.uniform(0.1, 0.75) * src)
+        if side == 0:
+            x0 = -out
+        elif side == 1:
+            x0 = max(w, src) - src + out
+        elif side == 2:
+            y0 = -out
+        else:
+            y0 = max(h, src) - src + out
+    return y0, x0
+
+
+def _glass_colour(rng: np.random.Generator) -> np.ndarray:
+    """The colour of blank glass on a scanned slide: near white, slightly tinted."""
+    return np.clip(rng.uniform(222, 250) + rng.uniform(-6, 6, 3), 0, 255).astype(np.uint8)
+
+
+def _window(a: np.ndarray, y0: int, x0: int, size: int, fill) -> np.ndarray:
+    """``a[y0:y0+size, x0:x0+size]``, filled with ``fill`` where the window lies beyond ``a``."""
+    out = np.empty((size, size, *a.shape[2:]), a.dtype)
+    out[...] = fill
+    h, w = a.shape[:2]
+    ys, xs = max(0, y0), max(0, x0)
+    ye, xe = min(h, y0 + size), min(w, x0 + size)
+    if ye > ys and xe > xs:
+        out[ys - y0 : ye - y0, xs - x0 : xe - x0] = a[ys:ye, xs:xe]
+    return out
 
 
 def targets_from_labels(lab: np.ndarray, classes: dict[int, int], no_mask: set[int], min_area: int = 8) -> dict:

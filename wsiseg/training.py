@@ -181,6 +181,7 @@ class TrainConfig:
     device: str = "auto"  # auto (CUDA when present), cpu, cuda, cuda:N: see wsiseg.inference.select_device
     hed_jitter: bool = True
     scale_jitter: float = 0.1
+    glass: float = 0.0  # share of crops that reach past the image's edge onto blank glass (tissue edges)
     hide_class_fraction: float = 0.0
     hide_mask_fraction: float = 0.0
     partial_mode: str = "partial"  # partial | background | drop
@@ -539,7 +540,7 @@ def _sample_batch(pools: list[Pool], rng: np.random.Generator, cfg: TrainConfig,
     for _ in range(cfg.batch_size):
         pool = _pick_pool(pools, rng).train
         s = pool[int(rng.integers(len(pool)))]
-        img, t = random_crop(s, cfg.tile_size, cfg.mpp, rng, cfg.scale_jitter, cfg.hed_jitter)
+        img, t = random_crop(s, cfg.tile_size, cfg.mpp, rng, cfg.scale_jitter, cfg.hed_jitter, glass=cfg.glass)
         imgs.append((torch.from_numpy(img).permute(2, 0, 1).float() / 255).to(device))
         tgts.append({k: v.to(device) for k, v in _to_torch(t).items()})
     return imgs, tgts
