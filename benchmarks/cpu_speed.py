@@ -1,17 +1,18 @@
 """Where a tile's forward pass spends its time on the CPU, and how fast each inference setting covers tissue.
 
-    python benchmarks/cpu_speed.py [--model M.safetensors] [--tiles 32] [--settings 1000x1 300x1 300x2 150x2]
-                                   [--pq] [--end-to-end] [--chosen 300x2] [--out benchmarks/results/cpu_speed.json]
+    python benchmarks/cpu_speed.py [--model M.safetensors] [--tiles 32] [--settings 300x2@256 300x2@512]
+                                   [--pq] [--end-to-end] [--chosen 300x2@512] [--out benchmarks/results/cpu_speed.json]
 
 Real tiles are read from the bundled CMU-1 sample at the model's mpp. For every setting (post-NMS proposals
 at test time) it prints the stages of the forward pass (backbone, FPN, RPN, box head, mask head) and the
 post-processing (mask pasting), the tiles per second, and the mm² of tissue per minute that rate gives
-(each tile contributes its core: (tile - overlap)² pixels). A setting is PROPOSALSxSTREAMS: post-NMS RPN
-proposals at test time, and batches run at once on the CPU (``DeviceConfig.streams``; streams do not change
-the detections). With ``--pq`` it scores each proposal count on the validation images of every dataset of the
-training config (``--config``), so that a faster setting is only taken at the same accuracy; with
-``--end-to-end`` it times ``wsiseg segment`` on CMU-1 per setting. The first setting is the baseline; ratios
-are against it, measured in the same run.
+(each tile contributes its core: (tile - overlap)² pixels). A setting is PROPOSALSxSTREAMS[@TILE]: post-NMS
+RPN proposals at test time, batches run at once on the CPU (``DeviceConfig.streams``; streams do not change
+the detections), and the tile size (default: the model card's). With ``--pq`` it scores each proposal count
+and tile size on the validation images of every dataset of the training config (``--config``), so that a
+faster setting is only taken at the same accuracy, and with ``--glass PX`` also on those images set in PX of
+blank glass (as tissue edges are on slides); with ``--end-to-end`` it times ``wsiseg segment`` on CMU-1 per
+setting. The first setting is the baseline; ratios are against it, measured in the same run.
 """
 
 from __future__ import annotations
@@ -31,8 +32,15 @@ from common import write_result  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 
 
+def parse_setting(text: str) -> tuple[int, int, int | None]:
+    """PROPOSALSxSTREAMS[@TILE] -> (proposals, streams, tile size or None)."""
+    head, _, tile = text.partition("@")
+    proposals, streams = (int(x) for x in head.split("x"))
+    return proposals, streams, int(tile) if tile else None
+
+
 def real_tiles(card, n: int) -> np.ndarray:
-    """``n`` tissue tiles of the sample slide at the model's resolution."""
+    """``n`` tissue tiles of the sample slide at the model's resolution, of the card's tile size."""
     from wsiseg.slide import open_slide
     from wsiseg.tiling import plan_slide, stream_tiles
 
@@ -104,20 +112,32 @@ def throughput(pred, tiles: np.ndarray, batch: int) -> float:
     return len(tiles) / (time.perf_counter() - t0)
 
 
-def predictor(model: str, proposals: int, streams: int):
+def predictor(model: str, proposals: int, streams: int, tile: int | None = None):
     import dataclasses
 
     from wsiseg.inference import load_predictor
 
     pred = load_predictor(model, device="cpu")
+    if tile:
+        pred.card = dataclasses.replace(pred.card, tile_size=tile)
     pred.model.rpn._post_nms_top_n["testing"] = proposals
     pred.model.rpn._pre_nms_top_n["testing"] = max(proposals, min(2 * proposals, 2000))
     pred.device = dataclasses.replace(pred.device, streams=streams)
     return pred
 
 
-def validation(pred, config: Path) -> dict:
-    """PQ and F1 on the validation images of every dataset of a training config (its split files)."""
+def on_glass(sample, px: int):
+    """A labelled sample set in ``px`` of blank glass on every side (no nuclei there), as tissue edges are."""
+    import dataclasses
+
+    pad = ((px, px), (px, px))
+    return dataclasses.replace(sample, image=np.pad(sample.image, pad + ((0, 0),), constant_values=240),
+                               instances=np.pad(sample.instances, pad))
+
+
+def validation(pred, config: Path, glass: int = 0) -> dict:
+    """PQ and F1 on the validation images of every dataset of a training config (its split files); with
+    ``glass``, on those images set in that many pixels of blank glass."""
     from wsiseg.datasets import InstanceFolder
     from wsiseg.evaluation import evaluate_predictor
     from wsiseg.training import TrainConfig
@@ -129,18 +149,19 @@ def validation(pred, config: Path) -> dict:
         names = json.loads((REPO / d["split"]).read_text())["val"]
         path = Path(d["path"]) if Path(d["path"]).is_absolute() else REPO / d["path"]
         data = InstanceFolder(path, names=names)
-        m = evaluate_predictor(pred, data.samples, pred.card.class_names)
+        samples = [on_glass(x, glass) for x in data.samples] if glass else data.samples
+        m = evaluate_predictor(pred, samples, pred.card.class_names)
         out[d.get("name", path.name)] = {"pq": round(m["pq"], 4), "f1": round(m["f1"], 4)}
     return out
 
 
-def end_to_end(model: str, proposals: int, streams: int) -> dict:
+def end_to_end(model: str, proposals: int, streams: int, tile: int | None) -> dict:
     """``wsiseg segment`` on the bundled CMU-1 sample with this setting: mm² of tissue per minute of wall time."""
     import tempfile
 
     from wsiseg.pipeline import SegmentOptions, segment_slide
 
-    pred = predictor(model, proposals, streams)
+    pred = predictor(model, proposals, streams, tile)
     with tempfile.TemporaryDirectory() as tmp:
         s = segment_slide(REPO / "examples" / "CMU-1-Small-Region.svs", pred, Path(tmp) / "out",
                           SegmentOptions(progress=False))
@@ -149,58 +170,65 @@ def end_to_end(model: str, proposals: int, streams: int) -> dict:
 
 
 def main() -> None:
-    from wsiseg.card import default_model_path, load_card
+    from wsiseg.card import default_model_path
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=default_model_path())
     ap.add_argument("--tiles", type=int, default=32)
     ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--settings", nargs="+", default=["1000x1", "300x1", "300x2", "150x2"],
-                    help="PROPOSALSxSTREAMS; the first is the baseline")
-    ap.add_argument("--pq", action="store_true", help="score each proposal count on every validation set")
+    ap.add_argument("--settings", nargs="+", default=["300x2@256", "150x2@256", "300x2@512"],
+                    help="PROPOSALSxSTREAMS[@TILE]; the first is the baseline")
+    ap.add_argument("--pq", action="store_true", help="score each proposal count and tile on every validation set")
+    ap.add_argument("--glass", type=int, default=0,
+                    help="with --pq, also score the validation images set in this many pixels of blank glass")
     ap.add_argument("--config", default=str(REPO / "configs" / "default.yaml"),
                     help="training config whose validation splits --pq uses")
     ap.add_argument("--end-to-end", action="store_true", help="also time wsiseg segment on CMU-1 per setting")
-    ap.add_argument("--chosen", default=None, help="the setting that ships (PROPOSALSxSTREAMS)")
+    ap.add_argument("--chosen", default=None, help="the setting that ships (PROPOSALSxSTREAMS[@TILE])")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "cpu_speed.json"))
     args = ap.parse_args()
-    card = load_card(args.model)
-    tiles = real_tiles(card, args.tiles)
-    core_mm2 = ((card.tile_size - card.overlap) * card.mpp / 1000) ** 2
     rows, scored = [], {}
     for setting in args.settings:
-        proposals, streams = (int(x) for x in setting.split("x"))
-        pred = predictor(args.model, proposals, streams)
+        proposals, streams, tile = parse_setting(setting)
+        pred = predictor(args.model, proposals, streams, tile)
+        card = pred.card
+        tiles = real_tiles(card, args.tiles)
+        core_mm2 = ((card.tile_size - card.overlap) * card.mpp / 1000) ** 2
         r = {"setting": setting, "rpn_post_nms_top_n_test": proposals, "streams": streams,
-             **measure(predictor(args.model, proposals, 1), tiles, args.batch)}
+             "tile_size": card.tile_size, **measure(predictor(args.model, proposals, 1, tile), tiles, args.batch)}
         r["tiles_per_s"] = round(throughput(pred, tiles, args.batch), 3)
         r["mm2_per_min_forward"] = round(r["tiles_per_s"] * 60 * core_mm2, 3)
         if args.pq:
-            if proposals not in scored:  # streams do not change the detections
-                scored[proposals] = validation(pred, Path(args.config))
-            r["validation"] = scored[proposals]
+            key = (proposals, card.tile_size)  # streams do not change the detections
+            if key not in scored:
+                scored[key] = validation(pred, Path(args.config))
+                if args.glass:
+                    scored[key].update({f"{k}_on_glass": v
+                                        for k, v in validation(pred, Path(args.config), args.glass).items()})
+            r["validation"] = scored[key]
         if args.end_to_end:
-            r["end_to_end"] = end_to_end(args.model, proposals, streams)
+            r["end_to_end"] = end_to_end(args.model, proposals, streams, tile)
         rows.append(r)
         print(json.dumps(r), flush=True)
     base = rows[0]
-    print(f"\n{'setting':>8} {'tiles/s':>8} {'ratio':>6} {'mm²/min fwd':>11} {'e2e':>6} {'ratio':>6}  "
+    print(f"\n{'setting':>10} {'tiles/s':>8} {'mm²/min fwd':>11} {'ratio':>6} {'e2e':>6} {'ratio':>6}  "
           "backbone fpn rpn box_pool box mask_pool mask paste (ms/tile, one stream)")
     for r in rows:
         s = r["ms_per_tile"]
         e2e = r.get("end_to_end", {}).get("mm2_per_min")
         e2e_ratio = e2e / base["end_to_end"]["mm2_per_min"] if e2e else None
-        print(f"{r['setting']:>8} {r['tiles_per_s']:>8.2f} {r['tiles_per_s'] / base['tiles_per_s']:>6.2f} "
-              f"{r['mm2_per_min_forward']:>11.3f} {e2e or float('nan'):>6.3f} {e2e_ratio or float('nan'):>6.2f}  "
+        print(f"{r['setting']:>10} {r['tiles_per_s']:>8.2f} {r['mm2_per_min_forward']:>11.3f} "
+              f"{r['mm2_per_min_forward'] / base['mm2_per_min_forward']:>6.2f} "
+              f"{e2e or float('nan'):>6.3f} {e2e_ratio or float('nan'):>6.2f}  "
               f"{s['backbone']:.0f} {s['fpn']:.0f} {s['rpn']:.0f} {s['box_pool']:.0f} {s['box_head']:.0f} "
               f"{s['mask_pool']:.0f} {s['mask_head'] + s['mask_predictor']:.0f} {s['postprocess_paste']:.0f}")
         for name, v in r.get("validation", {}).items():
             b = base.get("validation", {}).get(name)
-            print(f"{'':>10}{name:<12} PQ {v['pq']:.4f} F1 {v['f1']:.4f}"
+            print(f"{'':>12}{name:<22} PQ {v['pq']:.4f} F1 {v['f1']:.4f}"
                   + (f"  (ΔPQ {v['pq'] - b['pq']:+.4f}, ΔF1 {v['f1'] - b['f1']:+.4f})" if b else ""))
     chosen = next((r for r in rows if r["setting"] == args.chosen), None)
-    write_result(args.out, {"model": card.name, "threads": torch.get_num_threads(), "tiles": len(tiles),
-                            "tile_size": card.tile_size, "overlap": card.overlap, "baseline": base["setting"],
+    write_result(args.out, {"model": card.name, "threads": torch.get_num_threads(), "tiles": args.tiles,
+                            "overlap": card.overlap, "glass_px": args.glass, "baseline": base["setting"],
                             "settings": rows, "chosen": args.chosen,
                             "mm2_per_min": (chosen or {}).get("end_to_end", {}).get("mm2_per_min"),
                             "note": "tiles_per_s: forward pass and mask pasting with the setting's streams; "
