@@ -9,7 +9,12 @@ from helpers_model import tiny_model
 
 from wsiseg.card import ModelConfig, ModelLoadError, load_card
 from wsiseg.detections import TileDetections, fill_holes, paste_masks, resolve_overlaps
-from wsiseg.inference import MaskRCNNPredictor, infer_batches, select_device
+from wsiseg.inference import (
+    MaskRCNNPredictor,
+    infer_batches,
+    raw_detections,
+    select_device,
+)
 from wsiseg.model import build_model, load_model
 
 
@@ -150,6 +155,24 @@ def test_predictor_outputs_tile_detections(tmp_path):
     # bf16 autocast and fp32 agree on the boxes that both find
     fp32 = MaskRCNNPredictor(model, card, select_device("cpu", "fp32")).forward(tiles[:1])[0]
     assert fp32["masks"].shape[1:] == (1, 28, 28)
+
+
+def test_raw_detections_of_a_batch_split_back_per_tile():
+    g = torch.Generator().manual_seed(0)
+
+    def tile(n):
+        return {"boxes": torch.rand(n, 4, generator=g) * 200, "scores": torch.rand(n, generator=g),
+                "labels": torch.randint(1, 5, (n,), generator=g), "masks": torch.rand(n, 1, 28, 28, generator=g)}
+
+    raw = [tile(3), tile(0), tile(5)]
+    out = raw_detections(raw)
+    assert [len(r) for r in out] == [3, 0, 5]
+    for d, r in zip(raw, out):
+        assert np.array_equal(r.boxes, d["boxes"].numpy()) and r.boxes.dtype == np.float32
+        assert np.array_equal(r.scores, d["scores"].numpy()) and r.scores.dtype == np.float32
+        assert np.array_equal(r.labels, d["labels"].numpy() - 1) and r.labels.dtype == np.int32
+        assert np.array_equal(r.mask_probs, d["masks"][:, 0].numpy()) and r.mask_probs.shape[1:] == (28, 28)
+    assert raw_detections([]) == []
 
 
 def test_paste_masks_geometry():

@@ -259,10 +259,24 @@ def infer_batches(predictor: Predictor, batches: Iterable[tuple[T, np.ndarray]]
 
 
 def raw_detections(raw: list[dict[str, torch.Tensor]]) -> list[RawDetections]:
-    """torchvision's per-tile output dicts as numpy detections on the CPU (labels 0-based)."""
-    return [RawDetections(d["boxes"].cpu().numpy(), d["scores"].cpu().numpy(),
-                          (d["labels"] - 1).to(torch.int32).cpu().numpy(), d["masks"][:, 0].cpu().numpy())
-            for d in raw]
+    """torchvision's per-tile output dicts as numpy detections on the CPU (labels 0-based).
+
+    A batch leaves the device in two copies (boxes, scores and labels packed in one; mask probabilities
+    in the other), not four per tile.
+    """
+    if not raw:
+        return []
+    counts = [len(d["scores"]) for d in raw]
+    packed = torch.cat([torch.cat([d["boxes"].float(), d["scores"].float()[:, None], d["labels"].float()[:, None]], 1)
+                        for d in raw]).cpu().numpy()
+    masks = torch.cat([d["masks"][:, 0].float() for d in raw]).cpu().numpy()
+    out, at = [], 0
+    for n in counts:
+        rows = packed[at : at + n]
+        out.append(RawDetections(np.ascontiguousarray(rows[:, :4]), np.ascontiguousarray(rows[:, 4]),
+                                 rows[:, 5].astype(np.int32) - 1, masks[at : at + n]))
+        at += n
+    return out
 
 
 class ThresholdPredictor:
