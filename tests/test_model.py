@@ -72,6 +72,17 @@ def test_backbones_build_without_downloads(backbone):
     assert out["masks"].shape[1:] == (1, 128, 128) and out["boxes"].shape[1] == 4
 
 
+def test_the_model_never_rescales_its_input():
+    # tiles of any size (a slide's tiles, training crops smaller than them) are at the model's resolution
+    m = build_model(ModelConfig(tile_size=256, fpn_channels=32, box_head_dim=32, mask_head_channels=16, width=8))
+    x = torch.rand(3, 96, 160)
+    for mode in (m.train, m.eval):
+        mode()
+        images, _ = m.transform([x])
+        assert images.image_sizes == [(96, 160)]
+        assert torch.allclose(images.tensors[0, :, :96, :160], m.transform.normalize(x))
+
+
 def test_select_device_cpu():
     d = select_device("cpu")
     assert d.device.type == "cpu" and d.autocast_dtype == torch.bfloat16 and d.channels_last and not d.pin_memory

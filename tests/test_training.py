@@ -230,9 +230,16 @@ def test_train_resume_and_export(tmp_path, data_dir):
     cfg = TrainConfig(name="t", data=str(data_dir / "consep-train"), val_names=["train_1_000"],
                       model=dict(backbone="resnet18", width=8, fpn_channels=32, box_head_dim=64,
                                  mask_head_channels=16, detections_per_tile=50),
-                      tile_size=128, overlap=32, steps=3, batch_size=1, val_every=3, warmup_steps=2,
+                      tile_size=128, crop_size=96, overlap=32, steps=3, batch_size=1, val_every=3, warmup_steps=2,
                       hide_class_fraction=0.2, hide_mask_fraction=0.2, out=str(tmp_path / "run"), threads=1)
-    best = train(cfg, log=lambda *_: None)
+    import wsiseg.training as tr
+
+    crops = []
+    real_crop = tr.random_crop
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(tr, "random_crop", lambda *a, **k: (crops.append(a[1]), real_crop(*a, **k))[1])
+        best = train(cfg, log=lambda *_: None)
+    assert crops == [96, 96, 96]  # training crops of crop_size; the card says the tiles it will run on
     run = tmp_path / "run"
     assert (run / "best.safetensors").exists() and (run / "last.pt").exists()
     assert "pq" in best and len((run / "loss.csv").read_text().splitlines()) == 4
@@ -242,6 +249,7 @@ def test_train_resume_and_export(tmp_path, data_dir):
 
     model, card = load_model(run / "best.safetensors")
     assert card.class_names == ["other", "inflammatory", "epithelial", "spindle"] and card.mpp == 0.25
+    assert card.tile_size == 128
     # a crash after the checkpoint leaves log rows past it; resume continues from the checkpoint without repeats
     with open(run / "loss.csv", "a") as f:
         f.write("4,0.001,9.9,0,0,0,0,0,1.0\n5,0.001,9.9,0,0,0,0,0,1.0\n")

@@ -185,7 +185,6 @@ class MaskRCNNPredictor:
     def forward(self, tiles: np.ndarray) -> list[dict[str, torch.Tensor]]:
         """Boxes, scores, labels and M x M mask probabilities per tile (no full-size mask pasting)."""
         m = self.model
-        m.transform.fixed_size = (tiles.shape[1], tiles.shape[2])  # tiles are at the model's mpp: never rescale
         x = self.to_tensor(tiles)
         with self.device.autocast():
             images, _ = m.transform(list(x))

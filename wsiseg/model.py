@@ -8,6 +8,7 @@ from pathlib import Path
 
 from torch import nn
 from torchvision.models.detection.roi_heads import RoIHeads
+from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
 from .card import ModelCard, ModelConfig, ModelLoadError, load_card
 
@@ -121,6 +122,14 @@ class NucleusRoIHeads(RoIHeads):
         return nucleus_detections(self, class_logits, box_regression, proposals, image_shapes)
 
 
+class TileTransform(GeneralizedRCNNTransform):
+    """torchvision's input transform (normalise, batch) without its resizing: tiles and training crops of any
+    size arrive at the model's resolution."""
+
+    def resize(self, image, target=None):
+        return image, target
+
+
 def build_model(cfg: ModelConfig, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)) -> nn.Module:
     """torchvision Mask R-CNN for ``cfg.num_classes`` nucleus classes plus background."""
     from torchvision.models.detection import MaskRCNN
@@ -159,8 +168,7 @@ def build_model(cfg: ModelConfig, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224,
         box_score_thresh=cfg.score_thresh,
         box_nms_thresh=cfg.nms_thresh,
     )
-    # Tiles arrive at the model's resolution: never rescale them.
-    model.transform.fixed_size = (cfg.tile_size, cfg.tile_size)
+    model.transform.__class__ = TileTransform
     model.roi_heads.__class__ = NucleusRoIHeads
     return model
 

@@ -164,8 +164,9 @@ class TrainConfig:
     class_names: list[str] | None = None
     model: dict[str, Any] = field(default_factory=dict)  # ModelConfig fields
     mpp: float = 0.25
-    tile_size: int = 256
+    tile_size: int = 256  # the tiles the model will run on (its card's)
     overlap: int = 64
+    crop_size: int | None = None  # training crops (default: tile_size); the network is fully convolutional
     steps: int = 2000
     batch_size: int = 4
     lr: float = 2e-3
@@ -540,7 +541,8 @@ def _sample_batch(pools: list[Pool], rng: np.random.Generator, cfg: TrainConfig,
     for _ in range(cfg.batch_size):
         pool = _pick_pool(pools, rng).train
         s = pool[int(rng.integers(len(pool)))]
-        img, t = random_crop(s, cfg.tile_size, cfg.mpp, rng, cfg.scale_jitter, cfg.hed_jitter, glass=cfg.glass)
+        img, t = random_crop(s, cfg.crop_size or cfg.tile_size, cfg.mpp, rng, cfg.scale_jitter, cfg.hed_jitter,
+                             glass=cfg.glass)
         imgs.append((torch.from_numpy(img).permute(2, 0, 1).float() / 255).to(device))
         tgts.append({k: v.to(device) for k, v in _to_torch(t).items()})
     return imgs, tgts
