@@ -567,3 +567,22 @@ def test_outputs_are_the_same_bytes_for_any_number_of_writer_workers(tmp_path):
         assert (runs[1] / f).read_bytes() == (runs[3] / f).read_bytes(), f
         compared += 1
     assert compared > 20  # GeoJSON, table, every Zarr chunk and attribute file, statistics images
+
+
+def test_run_sizes_follow_the_device(tmp_path):
+    """Batch size, readers and writer processes are decided in one place, from the device: the CPU keeps its
+    cores for the model; beside a GPU the CPU side is spread over the cores and batches are larger."""
+    from wsiseg.pipeline import device_defaults
+
+    assert device_defaults("cpu", 256) == {"batch_size": 4, "workers": 2, "prefetch": 8, "writer_workers": 1}
+    gpu = device_defaults("cuda:0", 256, cores=16)
+    assert gpu == {"batch_size": 32, "workers": 4, "prefetch": 64, "writer_workers": 14}
+    assert device_defaults("cuda", 512, cores=16)["batch_size"] == 8  # the same pixels per batch
+    assert device_defaults("cuda", 256, cores=2)["writer_workers"] == 1
+    path, _, _ = _slide(tmp_path)
+    pred = ThresholdPredictor(threshold_card(mpp=0.5, tile_size=256, overlap=64))
+    s = segment_slide(path, pred, tmp_path / "out", SegmentOptions(tissue="whole", progress=False, zarr=False))
+    assert s["settings"]["batch_size"] == 4 and s["settings"]["writer_workers"] == 1
+    s = segment_slide(path, pred, tmp_path / "out2", SegmentOptions(tissue="whole", progress=False, zarr=False,
+                                                                     batch_size=3))
+    assert s["settings"]["batch_size"] == 3

@@ -277,7 +277,8 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="model .safetensors (default: the bundled model), or 'threshold'")
     p.add_argument("--tile-size", type=TILE, default=None, help="tile size in model pixels (default: model card)")
     p.add_argument("--overlap", type=OVERLAP, default=None, help="tile overlap in model pixels (default: model card)")
-    p.add_argument("--batch-size", type=BATCH, default=4)
+    p.add_argument("--batch-size", type=BATCH, default=None,
+                   help="tiles per forward pass (default: 4 on the CPU, 32 tiles of 256² beside a GPU)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     p.add_argument("--on-oversize", default="error", choices=["error", "drop"],
@@ -309,8 +310,10 @@ def _add_segment(sub) -> None:
     _add_slide_args(p)
     _add_run_args(p)
     p.add_argument("--out", default=None, help="output folder (default: <slide>-wsiseg)")
-    p.add_argument("--workers", type=WORKERS, default=2, help="tile reader threads")
-    p.add_argument("--prefetch", type=WORKERS, default=8, help="tiles read ahead of the model")
+    p.add_argument("--workers", type=WORKERS, default=None,
+                   help="tile reader threads (default: 2 on the CPU, a quarter of the cores beside a GPU)")
+    p.add_argument("--prefetch", type=WORKERS, default=None,
+                   help="tiles read ahead of the model (default: 8 on the CPU, two batches beside a GPU)")
     p.add_argument("--score-threshold", type=PROB, default=None)
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -8,7 +8,7 @@ import os
 import platform
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -30,12 +30,12 @@ class SegmentOptions:
     tissue: str = "detect"  # detect | whole | path to GeoJSON
     tile_size: int | None = None  # default: the model card's
     overlap: int | None = None
-    batch_size: int = 4
-    workers: int = 2
-    prefetch: int = 8
+    batch_size: int | None = None  # tiles per forward pass; None: see device_defaults()
+    workers: int | None = None  # tile reader threads; None: see device_defaults()
+    prefetch: int | None = None  # tiles read ahead of the model; None: see device_defaults()
     on_oversize: str = "error"
     writer: str = "process"  # process | thread: where stitching and the writers run beside the model
-    writer_workers: int | None = None  # processes measuring nuclei for the writer; None: see writer_workers()
+    writer_workers: int | None = None  # processes measuring nuclei for the writer; None: see device_defaults()
     geojson: str = "geojson.gz"  # geojson | geojson.gz | none
     table: str = "parquet"  # parquet | csv
     zarr: bool = True
@@ -132,17 +132,30 @@ def _writer_spec(slide_path: Path, slide, sp, tissue_mm2: float, predictor: Pred
                       stats_run=stats_run if o.stats else None,
                       stats_cell_um=o.density_cell_um, region_wkb=sp.tissue.region_wkb,
                       min_area_um2=card.min_area_um2 if o.min_area_um2 is None else o.min_area_um2,
-                      workers=o.writer_workers or writer_workers(predictor))
+                      workers=o.writer_workers)
 
 
-def writer_workers(predictor: Predictor) -> int:
-    """How many processes measure nuclei beside the model by default: on a GPU the CPU side sets the pace, so
-    all cores but two (the model's feeding thread and the writer itself); on the CPU the model needs the
-    cores, so none beyond the writer."""
-    if not predictor.device_name.startswith("cuda"):
-        return 1
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(16, cores - 2))
+def device_defaults(device_name: str, tile_size: int, cores: int | None = None) -> dict[str, int]:
+    """Batch size, tile reader threads, tiles read ahead and writer processes that keep a device busy.
+
+    On the CPU the model needs the cores: 4 tiles a batch, 2 readers, the writer alone. Beside a GPU the CPU
+    side sets the pace: 32 tiles of 256² a batch (the same pixels in fewer, larger tiles), readers for a
+    quarter of the cores, and writer processes on all cores but two (the model's feeding thread and the
+    writer itself).
+    """
+    if not device_name.startswith("cuda"):
+        return {"batch_size": 4, "workers": 2, "prefetch": 8, "writer_workers": 1}
+    if cores is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    batch = max(1, 32 * 256**2 // tile_size**2)
+    return {"batch_size": batch, "workers": max(2, min(8, cores // 4)), "prefetch": 2 * batch,
+            "writer_workers": max(1, min(16, cores - 2))}
+
+
+def _with_device_defaults(o: SegmentOptions, device_name: str, tile_size: int) -> SegmentOptions:
+    """``o`` with every option left to the device filled in."""
+    d = device_defaults(device_name, tile_size)
+    return replace(o, **{k: v for k, v in d.items() if getattr(o, k) is None})
 
 
 def _classes(card) -> list[dict]:
@@ -190,6 +203,7 @@ def _run(slide_path: Path, predictor: Predictor, tmp_dir: Path, o: SegmentOption
     tile_size = o.tile_size or card.tile_size
     overlap = card.overlap if o.overlap is None else o.overlap
     sp = plan_slide(slide, card.mpp, tile_size, overlap, tissue=_tissue(slide, o.tissue))
+    o = _with_device_defaults(o, predictor.device_name, sp.grid.tile_size)
     t0 = timer.add("plan", t0)
     tissue_mm2 = sp.tissue.area_mm2(slide.require_mpp())
     _write_tissue_png(tmp_dir / "tissue.png", sp.tissue.mask)
