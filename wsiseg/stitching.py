@@ -124,6 +124,19 @@ def min_area_px(min_area_um2: float, mpp: float) -> int:
     return max(1, int(math.ceil(min_area_um2 / mpp**2 - 1e-9)))
 
 
+def _box_neighbours(nuclei: list[Nucleus], others: list[Nucleus]) -> list[list[Nucleus]]:
+    """For each nucleus, the ``others`` whose boxes intersect its box (only those can share pixels)."""
+    if not nuclei or not others:
+        return [[] for _ in nuclei]
+    ob = np.array([e.box for e in others])
+    out = []
+    for d in nuclei:
+        x0, y0, x1, y1 = d.box
+        hit = (ob[:, 0] < x1) & (ob[:, 2] > x0) & (ob[:, 1] < y1) & (ob[:, 3] > y0)
+        out.append([others[j] for j in np.flatnonzero(hit)])
+    return out
+
+
 class Stitcher:
     """Turns per-tile detections into slide nuclei, streaming: ``add`` each tile (in any order), then
     ``close``; both return the nuclei that became final, numbered 1, 2, ... in tile index order."""
@@ -227,8 +240,8 @@ class Stitcher:
         """Which whole detections of tile ``rc`` are kept (needs its neighbours' detections)."""
         rivals = [e for q in self._near(rc) for e in self._dets[q]]
         kept = []
-        for d in self._dets[rc]:
-            if any(e.key > d.key and mask_iou(d, e) > self.iou for e in rivals):
+        for d, near in zip(self._dets[rc], _box_neighbours(self._dets[rc], rivals)):
+            if any(e.key > d.key and mask_iou(d, e) > self.iou for e in near):
                 self.duplicates += 1
             else:
                 kept.append(d)
@@ -239,9 +252,9 @@ class Stitcher:
         decisions), numbered."""
         rivals = [e for q in self._near(rc) for e in self._kept[q]]
         out = []
-        for d in self._kept[rc]:
+        for d, near in zip(self._kept[rc], _box_neighbours(self._kept[rc], rivals)):
             mask = d.mask
-            for e in rivals:
+            for e in near:
                 if e.key > d.key:
                     ov = _overlap(d, e)
                     if ov is not None and (ov[0] & ov[1]).any():
