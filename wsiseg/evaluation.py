@@ -209,25 +209,26 @@ def coco_ap(gts: list[np.ndarray], preds: list[np.ndarray], scores: list[dict[in
     return {"AP": float(ev.stats[0]), "AP50": float(ev.stats[1]), "AP75": float(ev.stats[2])}
 
 
-def _f_c(tp: int, tn: int, fp: int, fn: int, fp_d: int, fn_d: int) -> float:
-    """HoVer-Net's per-class F1 (Graham et al. 2019, eq. 13): matched nuclei that agree (tp, tn) against
-    twice the matched ones of the class that disagree (fp, fn) plus the class's unmatched predictions and
-    nuclei (fp_d, fn_d)."""
-    num = 2 * (tp + tn)
+def _f_c(tp: int, fp: int, fn: int, fp_d: int, fn_d: int) -> float:
+    """HoVer-Net's per-class F1 (Graham et al. 2019, eq. 13, as its reference code computes it): matched
+    nuclei of the class called the class (tp) against twice the matched ones where the truth or the call,
+    not both, is the class (fp, fn), plus the class's unmatched predictions and nuclei (fp_d, fn_d). The
+    equation's TN term counts matched pairs of the class's samples that are neither, which is none."""
+    num = 2 * tp
     den = num + 2 * fp + 2 * fn + fp_d + fn_d
-    return num / den if den and (tp + fp + fn + fp_d + fn_d) else float("nan")
+    return num / den if den else float("nan")
 
 
 def _image_classes(g: np.ndarray, p: np.ndarray, r: PQResult, gt_cls: dict[int, int], pred_cls: dict[int, int],
                    n_classes: int) -> tuple[int, int, np.ndarray, dict[int, float]]:
     """One image's class agreement: matched nuclei of a known class and how many of them agree, HoVer-Net's
-    F_c counts per class (rows of tp, tn, fp, fn, unmatched predictions, unmatched nuclei), and PQ per class
+    F_c counts per class (rows of tp, fp, fn, unmatched predictions, unmatched nuclei), and PQ per class
     present in the image."""
     gids = np.unique(g)
     gids = gids[gids > 0]
     pids = np.unique(p)
     pids = pids[pids > 0]
-    fc = np.zeros((n_classes, 6), np.int64)
+    fc = np.zeros((n_classes, 5), np.int64)
     correct = total = 0
     for gi, pi in r.pairs:
         gc = gt_cls.get(int(gids[gi]))
@@ -239,22 +240,20 @@ def _image_classes(g: np.ndarray, p: np.ndarray, r: PQResult, gt_cls: dict[int, 
         for c in range(n_classes):
             if gc == c and pc == c:
                 fc[c, 0] += 1
-            elif gc != c and pc != c:
-                fc[c, 1] += 1
             elif pc == c:
+                fc[c, 1] += 1
+            elif gc == c:
                 fc[c, 2] += 1
-            else:
-                fc[c, 3] += 1
     matched_g = {int(gids[gi]) for gi, _ in r.pairs}
     matched_p = {int(pids[pi]) for _, pi in r.pairs}
     for i in gids:
         gc = gt_cls.get(int(i))
         if int(i) not in matched_g and gc is not None:
-            fc[gc, 5] += 1
+            fc[gc, 4] += 1
     for i in pids:
         pc = pred_cls.get(int(i))
         if int(i) not in matched_p and pc is not None and 0 <= pc < n_classes:
-            fc[pc, 4] += 1
+            fc[pc, 3] += 1
     pqs = {}
     for c in range(n_classes):
         gm = np.isin(g, [i for i in gids if gt_cls.get(int(i)) == c]) * g
@@ -282,8 +281,8 @@ def evaluate_images(gts: list[np.ndarray], preds: list[np.ndarray], gt_classes: 
     n_bins = len(AREA_BINS_UM2) + 1
     area_n, area_found = np.zeros(n_bins, np.int64), np.zeros(n_bins, np.int64)
     per_class_pq: dict[str, list[float]] = {n: [] for n in (class_names or [])}
-    # HoVer-Net's F_c counts per class: matched pairs (tp, tn, fp, fn) and unmatched predictions/nuclei
-    fc = np.zeros((len(class_names or []), 6), np.int64)
+    # HoVer-Net's F_c counts per class: matched pairs (tp, fp, fn) and unmatched predictions/nuclei
+    fc = np.zeros((len(class_names or []), 5), np.int64)
     for k, (g, p) in enumerate(zip(gts, preds)):
         ov = iou_matrix(g, p)
         r = _pq(ov)
