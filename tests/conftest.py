@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +10,11 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("WSISEG_DATA", REPO.parent / "shared" / "data"))
 SLIDES = DATA / "slides"
+
+# A suite started with '&' by a non-interactive shell inherits SIGINT ignored, and so would every subprocess
+# it starts; the tests that interrupt a run need SIGINT to reach it.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="session")
