@@ -1,14 +1,16 @@
 """Where a tile's forward pass spends its time on the CPU, and how fast each inference setting covers tissue.
 
-    python benchmarks/cpu_speed.py [--model M.safetensors] [--tiles 32] [--settings 300x2@256 300x2@512]
+    python benchmarks/cpu_speed.py [--model M.safetensors] [--tiles 32] [--settings 150x2@256+sr2+clmask 150x2@256]
                                    [--pq] [--end-to-end] [--chosen 300x2@512] [--out benchmarks/results/cpu_speed.json]
 
 Real tiles are read from the bundled CMU-1 sample at the model's mpp. For every setting (post-NMS proposals
 at test time) it prints the stages of the forward pass (backbone, FPN, RPN, box head, mask head) and the
 post-processing (mask pasting), the tiles per second, and the mm² of tissue per minute that rate gives
-(each tile contributes its core: (tile - overlap)² pixels). A setting is PROPOSALSxSTREAMS[@TILE]: post-NMS
-RPN proposals at test time, batches run at once on the CPU (``DeviceConfig.streams``; streams do not change
-the detections), and the tile size (default: the model card's). With ``--pq`` it scores each proposal count
+(each tile contributes its core: (tile - overlap)² pixels). A setting is PROPOSALSxSTREAMS[@TILE][+srN][+clmask]:
+post-NMS RPN proposals at test time, batches run at once on the CPU (``DeviceConfig.streams``; streams do not
+change the detections), the tile size (default: the model card's), the RoIAlign sampling ratio (default: the
+card's) and, with ``+clmask``, the mask head on channels-last maps as before (the predictor now runs it on NCHW
+maps, where the CPU's GroupNorm is faster; the detections are the same). With ``--pq`` it scores each proposal count
 and tile size on the validation images of every dataset of the training config (``--config``), so that a
 faster setting is only taken at the same accuracy, and with ``--glass PX`` also on those images set in PX of
 blank glass (as tissue edges are on slides); with ``--end-to-end`` it times ``wsiseg segment`` on CMU-1 per
@@ -32,11 +34,19 @@ from common import write_result  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 
 
-def parse_setting(text: str) -> tuple[int, int, int | None]:
-    """PROPOSALSxSTREAMS[@TILE] -> (proposals, streams, tile size or None)."""
-    head, _, tile = text.partition("@")
+def parse_setting(text: str) -> dict:
+    """PROPOSALSxSTREAMS[@TILE][+srN][+clmask] -> proposals, streams, tile size (None: the card's), RoIAlign
+    sampling ratio (None: the card's) and whether the mask head runs on channels-last maps (as before issue 19's
+    second step)."""
+    head, *mods = text.split("+")
+    head, _, tile = head.partition("@")
     proposals, streams = (int(x) for x in head.split("x"))
-    return proposals, streams, int(tile) if tile else None
+    sr = next((int(m[2:]) for m in mods if m.startswith("sr")), None)
+    unknown = [m for m in mods if not m.startswith("sr") and m != "clmask"]
+    if unknown:
+        raise SystemExit(f"setting {text!r}: unknown modifier {unknown[0]!r} (srN or clmask)")
+    return {"proposals": proposals, "streams": streams, "tile": int(tile) if tile else None,
+            "sampling_ratio": sr, "clmask": "clmask" in mods}
 
 
 def real_tiles(card, n: int) -> np.ndarray:
@@ -112,17 +122,23 @@ def throughput(pred, tiles: np.ndarray, batch: int) -> float:
     return len(tiles) / (time.perf_counter() - t0)
 
 
-def predictor(model: str, proposals: int, streams: int, tile: int | None = None):
+def predictor(model: str, setting: dict, streams: int | None = None):
     import dataclasses
 
     from wsiseg.inference import load_predictor
 
     pred = load_predictor(model, device="cpu")
-    if tile:
-        pred.card = dataclasses.replace(pred.card, tile_size=tile)
+    if setting["tile"]:
+        pred.card = dataclasses.replace(pred.card, tile_size=setting["tile"])
+    proposals = setting["proposals"]
     pred.model.rpn._post_nms_top_n["testing"] = proposals
     pred.model.rpn._pre_nms_top_n["testing"] = max(proposals, min(2 * proposals, 2000))
-    pred.device = dataclasses.replace(pred.device, streams=streams)
+    if setting["sampling_ratio"] is not None:
+        pred.model.roi_heads.box_roi_pool.sampling_ratio = setting["sampling_ratio"]
+        pred.model.roi_heads.mask_roi_pool.sampling_ratio = setting["sampling_ratio"]
+    if setting["clmask"]:
+        pred.model.roi_heads.mask_head.to(memory_format=torch.channels_last)
+    pred.device = dataclasses.replace(pred.device, streams=setting["streams"] if streams is None else streams)
     return pred
 
 
@@ -155,13 +171,13 @@ def validation(pred, config: Path, glass: int = 0) -> dict:
     return out
 
 
-def end_to_end(model: str, proposals: int, streams: int, tile: int | None) -> dict:
+def end_to_end(model: str, setting: dict) -> dict:
     """``wsiseg segment`` on the bundled CMU-1 sample with this setting: mm² of tissue per minute of wall time."""
     import tempfile
 
     from wsiseg.pipeline import SegmentOptions, segment_slide
 
-    pred = predictor(model, proposals, streams, tile)
+    pred = predictor(model, setting)
     with tempfile.TemporaryDirectory() as tmp:
         s = segment_slide(REPO / "examples" / "CMU-1-Small-Region.svs", pred, Path(tmp) / "out",
                           SegmentOptions(progress=False))
@@ -177,29 +193,30 @@ def main() -> None:
     ap.add_argument("--tiles", type=int, default=32)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--settings", nargs="+", default=["300x2@256", "150x2@256", "300x2@512"],
-                    help="PROPOSALSxSTREAMS[@TILE]; the first is the baseline")
+                    help="PROPOSALSxSTREAMS[@TILE][+srN][+clmask]; the first is the baseline")
     ap.add_argument("--pq", action="store_true", help="score each proposal count and tile on every validation set")
     ap.add_argument("--glass", type=int, default=0,
                     help="with --pq, also score the validation images set in this many pixels of blank glass")
     ap.add_argument("--config", default=str(REPO / "configs" / "default.yaml"),
                     help="training config whose validation splits --pq uses")
     ap.add_argument("--end-to-end", action="store_true", help="also time wsiseg segment on CMU-1 per setting")
-    ap.add_argument("--chosen", default=None, help="the setting that ships (PROPOSALSxSTREAMS[@TILE])")
+    ap.add_argument("--chosen", default=None, help="the setting that ships (one of --settings)")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "cpu_speed.json"))
     args = ap.parse_args()
     rows, scored = [], {}
     for setting in args.settings:
-        proposals, streams, tile = parse_setting(setting)
-        pred = predictor(args.model, proposals, streams, tile)
+        st = parse_setting(setting)
+        pred = predictor(args.model, st)
         card = pred.card
         tiles = real_tiles(card, args.tiles)
         core_mm2 = ((card.tile_size - card.overlap) * card.mpp / 1000) ** 2
-        r = {"setting": setting, "rpn_post_nms_top_n_test": proposals, "streams": streams,
-             "tile_size": card.tile_size, **measure(predictor(args.model, proposals, 1, tile), tiles, args.batch)}
+        r = {"setting": setting, "rpn_post_nms_top_n_test": st["proposals"], "streams": st["streams"],
+             "tile_size": card.tile_size, "roi_sampling_ratio": pred.model.roi_heads.box_roi_pool.sampling_ratio,
+             "mask_head_channels_last": st["clmask"], **measure(predictor(args.model, st, 1), tiles, args.batch)}
         r["tiles_per_s"] = round(throughput(pred, tiles, args.batch), 3)
         r["mm2_per_min_forward"] = round(r["tiles_per_s"] * 60 * core_mm2, 3)
         if args.pq:
-            key = (proposals, card.tile_size)  # streams do not change the detections
+            key = (st["proposals"], card.tile_size, r["roi_sampling_ratio"])  # nor do streams and memory layout
             if key not in scored:
                 scored[key] = validation(pred, Path(args.config))
                 if args.glass:
@@ -207,24 +224,24 @@ def main() -> None:
                                         for k, v in validation(pred, Path(args.config), args.glass).items()})
             r["validation"] = scored[key]
         if args.end_to_end:
-            r["end_to_end"] = end_to_end(args.model, proposals, streams, tile)
+            r["end_to_end"] = end_to_end(args.model, st)
         rows.append(r)
         print(json.dumps(r), flush=True)
     base = rows[0]
-    print(f"\n{'setting':>10} {'tiles/s':>8} {'mm²/min fwd':>11} {'ratio':>6} {'e2e':>6} {'ratio':>6}  "
+    print(f"\n{'setting':>22} {'tiles/s':>8} {'mm²/min fwd':>11} {'ratio':>6} {'e2e':>6} {'ratio':>6}  "
           "backbone fpn rpn box_pool box mask_pool mask paste (ms/tile, one stream)")
     for r in rows:
         s = r["ms_per_tile"]
         e2e = r.get("end_to_end", {}).get("mm2_per_min")
         e2e_ratio = e2e / base["end_to_end"]["mm2_per_min"] if e2e else None
-        print(f"{r['setting']:>10} {r['tiles_per_s']:>8.2f} {r['mm2_per_min_forward']:>11.3f} "
+        print(f"{r['setting']:>22} {r['tiles_per_s']:>8.2f} {r['mm2_per_min_forward']:>11.3f} "
               f"{r['mm2_per_min_forward'] / base['mm2_per_min_forward']:>6.2f} "
               f"{e2e or float('nan'):>6.3f} {e2e_ratio or float('nan'):>6.2f}  "
               f"{s['backbone']:.0f} {s['fpn']:.0f} {s['rpn']:.0f} {s['box_pool']:.0f} {s['box_head']:.0f} "
               f"{s['mask_pool']:.0f} {s['mask_head'] + s['mask_predictor']:.0f} {s['postprocess_paste']:.0f}")
         for name, v in r.get("validation", {}).items():
             b = base.get("validation", {}).get(name)
-            print(f"{'':>12}{name:<22} PQ {v['pq']:.4f} F1 {v['f1']:.4f}"
+            print(f"{'':>24}{name:<22} PQ {v['pq']:.4f} F1 {v['f1']:.4f}"
                   + (f"  (ΔPQ {v['pq'] - b['pq']:+.4f}, ΔF1 {v['f1'] - b['f1']:+.4f})" if b else ""))
     chosen = next((r for r in rows if r["setting"] == args.chosen), None)
     write_result(args.out, {"model": card.name, "threads": torch.get_num_threads(), "tiles": args.tiles,

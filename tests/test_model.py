@@ -289,3 +289,39 @@ def test_consep_classes_get_distinct_colours_that_stand_out_on_he():
     haematoxylin, eosin, background = np.array([70, 50, 130]), np.array([230, 150, 190]), np.array([240, 240, 240])
     for c in cols:  # outlines visible on nuclei, on stroma and on glass
         assert min(np.linalg.norm(c - haematoxylin), np.linalg.norm(c - eosin), np.linalg.norm(c - background)) > 90
+
+
+def test_mask_head_on_nchw_maps_keeps_the_same_detections(data_dir):
+    """On the CPU the mask head runs on NCHW maps (its GroupNorm is faster there) and the rest channels-last:
+    the same detections as with every layer channels-last."""
+    from PIL import Image
+
+    from wsiseg.card import default_model_path
+
+    img = np.asarray(Image.open(data_dir / "monuseg-train" / "images" / "TCGA-21-5784-01Z-00-DX1.png").convert("RGB"))
+    tiles = np.stack([img[:256, :256], img[300:556, 500:756]])
+    mixed = MaskRCNNPredictor(*load_model(default_model_path()), select_device("cpu", "fp32"))
+    assert mixed.device.channels_last
+    head = mixed.model.roi_heads.mask_head[0][0].weight
+    assert head.is_contiguous() and not head.is_contiguous(memory_format=torch.channels_last)
+    assert mixed.model.backbone.body.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    nhwc = MaskRCNNPredictor(*load_model(default_model_path()), select_device("cpu", "fp32"))
+    nhwc.model.roi_heads.mask_head.to(memory_format=torch.channels_last)
+    for a, b in zip(mixed.predict(tiles), nhwc.predict(tiles)):
+        assert len(a) > 5 and len(a) == len(b)
+        np.testing.assert_array_equal(a.boxes, b.boxes)
+        assert sum((ma != mb).sum() for ma, mb in zip(a.masks, b.masks)) <= 2
+
+
+def test_roi_sampling_ratio_comes_from_the_card():
+    from wsiseg.card import ModelCard, default_classes
+
+    cfg = ModelConfig(backbone="resnet18", width=8, fpn_channels=16, box_head_dim=32, mask_head_channels=16,
+                      tile_size=128, roi_sampling_ratio=1)
+    m = build_model(cfg)
+    assert m.roi_heads.box_roi_pool.sampling_ratio == 1 and m.roi_heads.mask_roi_pool.sampling_ratio == 1
+    assert ModelConfig().roi_sampling_ratio == 2  # cards written before the field keep torchvision's default
+    card = ModelCard(name="x", classes=default_classes(["nucleus"]), mpp=0.25, tile_size=128, overlap=32,
+                     config=ModelConfig(roi_sampling_ratio=-1))
+    with pytest.raises(ValueError, match="roi_sampling_ratio"):
+        card.validate()

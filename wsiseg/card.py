@@ -41,6 +41,7 @@ class ModelConfig:
     anchor_sizes: tuple[int, ...] = (8, 16, 32, 64, 128)
     aspect_ratios: tuple[float, ...] = (0.5, 1.0, 2.0)
     mask_roi_size: int = 14
+    roi_sampling_ratio: int = 2  # bilinear samples per RoIAlign bin side (box and mask pooling)
     fpn_channels: int = 256
     box_head_dim: int = 1024
     mask_head_channels: int = 256
@@ -119,6 +120,9 @@ class ModelCard:
         for i in range(3):
             number("mean", self.mean[i], -10, 10)
             number("std", self.std[i], 1e-6, 10)
+        r = self.config.roi_sampling_ratio
+        if isinstance(r, bool) or not isinstance(r, int) or not 0 <= r <= 8:
+            raise ValueError(f"config.roi_sampling_ratio must be a whole number in [0, 8] (0: adaptive), got {r!r}")
         if self.config.num_classes != len(self.classes):
             raise ValueError(f"config.num_classes ({self.config.num_classes}) differs from the {len(self.classes)} "
                              "classes")

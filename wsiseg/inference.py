@@ -163,6 +163,8 @@ class MaskRCNNPredictor:
         model = model.eval().to(self.device.device)
         if self.device.channels_last:
             model = model.to(memory_format=torch.channels_last)
+            # the mask head's GroupNorm on 14x14 channels-last maps is ~10x slower on the CPU than on NCHW ones
+            model.roi_heads.mask_head.to(memory_format=torch.contiguous_format)
         self.model = model
         self.trim_heap = HeapTrimmer()
 
