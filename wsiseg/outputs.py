@@ -38,6 +38,7 @@ def mask_polygon(mask: np.ndarray, x0: int, y0: int, scale: float) -> list[list[
     The ring runs through pixel-edge midpoints (marching squares at 0.5), so its
     area is the pixel count less a small corner correction.
     """
+    import shapely
     from shapely.geometry import Polygon
     from shapely.geometry.polygon import orient
     from skimage.measure import find_contours
@@ -58,7 +59,7 @@ def mask_polygon(mask: np.ndarray, x0: int, y0: int, scale: float) -> list[list[
     if poly.is_empty or poly.area <= 0 or poly.geom_type != "Polygon":
         return None
     poly = orient(poly, sign=1.0)
-    coords = [[round(float(x), 2), round(float(y), 2)] for x, y in poly.exterior.coords]
+    coords = np.round(shapely.get_coordinates(poly.exterior), 2).tolist()
     if len(coords) < 4:
         return None
     if coords[0] != coords[-1]:
