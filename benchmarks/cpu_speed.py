@@ -1,7 +1,7 @@
 """Where a tile's forward pass spends its time on the CPU, and how fast each inference setting covers tissue.
 
     python benchmarks/cpu_speed.py [--model M.safetensors] [--tiles 32] [--settings 150x2@256+sr2+clmask 150x2@256]
-                                   [--pq] [--end-to-end] [--chosen 300x2@512] [--out benchmarks/results/cpu_speed.json]
+                                   [--pq] [--end-to-end] [--repeats 3] [--chosen 150x2@256] [--out benchmarks/results/cpu_speed.json]
 
 Real tiles are read from the bundled CMU-1 sample at the model's mpp. For every setting (post-NMS proposals
 at test time) it prints the stages of the forward pass (backbone, FPN, RPN, box head, mask head) and the
@@ -207,8 +207,8 @@ def main() -> None:
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "cpu_speed.json"))
     args = ap.parse_args()
     rows, scored = [], {}
-    for setting in args.settings:
-        st = parse_setting(setting)
+    parsed = {setting: parse_setting(setting) for setting in args.settings}
+    for setting, st in parsed.items():
         pred = predictor(args.model, st)
         card = pred.card
         tiles = real_tiles(card, args.tiles)
@@ -233,7 +233,7 @@ def main() -> None:
         runs = {r["setting"]: [] for r in rows}
         for _ in range(args.repeats):
             for r in rows:
-                runs[r["setting"]].append(end_to_end(args.model, parse_setting(r["setting"])))
+                runs[r["setting"]].append(end_to_end(args.model, parsed[r["setting"]]))
                 print(r["setting"], json.dumps(runs[r["setting"]][-1]), flush=True)
         for r in rows:
             median = sorted(runs[r["setting"]], key=lambda x: x["mm2_per_min"])[(args.repeats - 1) // 2]

@@ -5,7 +5,7 @@ import pickle
 import numpy as np
 import pytest
 import torch
-from helpers_model import tiny_model
+from helpers_model import tiny_config, tiny_model
 
 from wsiseg.card import ModelConfig, ModelLoadError, load_card
 from wsiseg.detections import TileDetections, fill_holes, paste_masks, resolve_overlaps
@@ -257,16 +257,19 @@ def test_heap_trimmer_trims_at_the_watermark_only():
         assert _rss_bytes() > 0 and _malloc_trim() is not None
 
 
-def test_prefilter_keeps_the_same_detections(data_dir):
-    """Dropping boxes below the score threshold before the mask head changes no detection that is kept."""
+def _monuseg_tiles(data_dir) -> np.ndarray:
+    """Two 256 px tiles of a MoNuSeg image, for tests that run the default model."""
     from PIL import Image
 
-    from wsiseg.card import default_model_path
-    from wsiseg.inference import MaskRCNNPredictor, select_device
-    from wsiseg.model import load_model
-
     img = np.asarray(Image.open(data_dir / "monuseg-train" / "images" / "TCGA-21-5784-01Z-00-DX1.png").convert("RGB"))
-    tiles = np.stack([img[:256, :256], img[300:556, 500:756]])
+    return np.stack([img[:256, :256], img[300:556, 500:756]])
+
+
+def test_prefilter_keeps_the_same_detections(data_dir):
+    """Dropping boxes below the score threshold before the mask head changes no detection that is kept."""
+    from wsiseg.card import default_model_path
+
+    tiles = _monuseg_tiles(data_dir)
     fast = MaskRCNNPredictor(*load_model(default_model_path()), select_device("cpu", "fp32"))
     full = MaskRCNNPredictor(*load_model(default_model_path()), select_device("cpu", "fp32"), prefilter=False)
     assert fast.model.roi_heads.score_thresh == fast.score_threshold > full.model.roi_heads.score_thresh
@@ -294,12 +297,9 @@ def test_consep_classes_get_distinct_colours_that_stand_out_on_he():
 def test_mask_head_on_nchw_maps_keeps_the_same_detections(data_dir):
     """On the CPU the mask head runs on NCHW maps (its GroupNorm is faster there) and the rest channels-last:
     the same detections as with every layer channels-last."""
-    from PIL import Image
-
     from wsiseg.card import default_model_path
 
-    img = np.asarray(Image.open(data_dir / "monuseg-train" / "images" / "TCGA-21-5784-01Z-00-DX1.png").convert("RGB"))
-    tiles = np.stack([img[:256, :256], img[300:556, 500:756]])
+    tiles = _monuseg_tiles(data_dir)
     mixed = MaskRCNNPredictor(*load_model(default_model_path()), select_device("cpu", "fp32"))
     assert mixed.device.channels_last
     head = mixed.model.roi_heads.mask_head[0][0].weight
@@ -314,11 +314,11 @@ def test_mask_head_on_nchw_maps_keeps_the_same_detections(data_dir):
 
 
 def test_roi_sampling_ratio_comes_from_the_card():
+    import dataclasses
+
     from wsiseg.card import ModelCard, default_classes
 
-    cfg = ModelConfig(backbone="resnet18", width=8, fpn_channels=16, box_head_dim=32, mask_head_channels=16,
-                      tile_size=128, roi_sampling_ratio=1)
-    m = build_model(cfg)
+    m = build_model(dataclasses.replace(tiny_config(), roi_sampling_ratio=1))
     assert m.roi_heads.box_roi_pool.sampling_ratio == 1 and m.roi_heads.mask_roi_pool.sampling_ratio == 1
     assert ModelConfig().roi_sampling_ratio == 2  # cards written before the field keep torchvision's default
     card = ModelCard(name="x", classes=default_classes(["nucleus"]), mpp=0.25, tile_size=128, overlap=32,
