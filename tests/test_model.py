@@ -27,6 +27,7 @@ def test_save_load_round_trip(tmp_path):
     for (k, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
         assert torch.equal(a, b), k
     assert (tmp_path / "tiny.json").exists()  # human-readable card beside the weights
+    assert path.stat().st_mode & 0o044 == 0o044  # others can read a shared model (safetensors alone writes 0600)
 
 
 def test_half_precision_storage(tmp_path):

@@ -105,8 +105,59 @@ def test_drop_mode_counts_oversize():
                          np.array([0], np.int32), [np.ones((40, 28), bool)])
     st = Stitcher(grid, on_oversize="drop")
     st.add(t, det)
-    assert all(not ns for _, ns in st.add(grid.tiles[1], TileDetections.empty()))
+    for other in grid.tiles[1:]:  # no neighbour sees it whole
+        assert all(not ns for _, ns in st.add(other, TileDetections.empty()))
+    assert all(not ns for _, ns in st.close())
     assert st.dropped_oversize == 1
+
+
+
+def _views_of(grid, slide_mask, seen_by):
+    """Each tile's detection of one object drawn on the slide (a bool image), clipped to its window; tiles not in
+    ``seen_by`` detect nothing."""
+    out = {}
+    for t in grid.tiles:
+        sub = slide_mask[t.y : t.y + t.size, t.x : t.x + t.size]
+        ys, xs = np.nonzero(sub)
+        if t.index not in seen_by or not len(xs):
+            out[t.index] = TileDetections.empty()
+            continue
+        x0, y0, x1, y1 = xs.min(), ys.min(), xs.max() + 1, ys.max() + 1
+        out[t.index] = TileDetections(np.array([[x0, y0, x1, y1]], np.int32), np.array([0.9], np.float32),
+                                      np.zeros(1, np.int32), [sub[y0:y1, x0:x1].copy()])
+    return out
+
+
+def _lopsided_nucleus():
+    """A nucleus 30 px wide (less than the 32 px overlap) whose mass lies left of a seam: its centroid is in tile
+    0's core, but it reaches past tile 0's right edge, so only tile 1 sees it whole."""
+    grid = make_grid(240, 128, 128, 32)
+    assert [t.x for t in grid.tiles] == [0, 96, 128] and grid.tiles[0].core[2] == 112
+    m = np.zeros((128, 240), bool)
+    m[40:80, 100:112] = True  # the body
+    m[58:62, 112:130] = True  # a tail across tile 0's right edge at x = 128
+    return grid, m
+
+
+def test_nucleus_narrower_than_overlap_cut_by_its_owner_is_kept_from_the_neighbour():
+    grid, m = _lopsided_nucleus()
+    preds = _views_of(grid, m, seen_by={0, 1, 2})
+    for order in ([0, 1, 2], [2, 1, 0], [1, 2, 0]):
+        kept = _stitch(grid, preds, order)
+        assert len(kept) == 1
+        n = kept[0]
+        assert n.tile == 1 and n.box == (100, 40, 130, 80) and n.area == int(m.sum())
+
+
+def test_nucleus_no_tile_sees_whole_fails_loudly_in_any_order():
+    grid, m = _lopsided_nucleus()
+    preds = _views_of(grid, m, seen_by={0, 2})  # the neighbour that would see it whole misses it
+    for order in ([0, 1, 2], [2, 1, 0]):
+        with pytest.raises(NucleusTooLargeError, match="no neighbouring tile sees it whole"):
+            _stitch(grid, preds, order)
+    st = Stitcher(grid, on_oversize="drop")
+    kept = [n for t in grid.tiles for _, ns in st.add(t, preds[t.index]) for n in ns]
+    assert kept + [n for _, ns in st.close() for n in ns] == [] and st.dropped_oversize == 1
 
 
 # ---------------------------------------------------------------- tiles that disagree at the seams

@@ -166,6 +166,7 @@ def build_model(cfg: ModelConfig, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224,
                                          sampling_ratio=cfg.roi_sampling_ratio),
         box_detections_per_img=cfg.detections_per_tile,
         box_batch_size_per_image=cfg.box_batch_size_per_image,
+        box_positive_fraction=cfg.box_positive_fraction,
         box_score_thresh=cfg.score_thresh,
         box_nms_thresh=cfg.nms_thresh,
     )
@@ -186,6 +187,7 @@ def save_model(model: nn.Module, card: ModelCard, path: str | os.PathLike, half:
         state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
     with atomic_path(path) as tmp:
         save_file(state, str(tmp), metadata={"wsiseg_card": card.to_json()})
+        os.chmod(tmp, 0o644)  # safetensors writes 0600; a model is meant to be shared
     write_text_atomic(path.with_suffix(".json"), card.to_json())
     return path
 

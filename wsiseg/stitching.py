@@ -45,10 +45,18 @@ connected part of what remains, and is dropped if that is smaller than
    dropped for one that is not own. A detection whose centroid lies in another
    tile's core is kept when that tile has nothing conflicting with it.
 
-A nucleus that reaches further than ``overlap / 2`` from its centroid touches
-an interior edge of its owning tile, so no tile sees it whole: an own
-detection that touches an interior edge raises :class:`NucleusTooLargeError`
-(or is dropped and counted with ``on_oversize="drop"``).
+**Nuclei larger than the overlap.** Along each axis, neighbouring windows
+share at least ``overlap`` pixels, so a nucleus spanning fewer than
+``overlap`` pixels in x and in y is whole in at least one tile (of two tiles
+side by side, it can touch the far edge of only one), though not always in
+the tile that owns it: its detection there is *cut* and takes no part, and
+the neighbour's whole view of it is kept (property 5). An own detection that
+is cut and of which no neighbouring tile has a whole detection covering at
+least half its pixels cannot be stitched exactly (a nucleus spanning
+``overlap`` pixels or more, or one only the owner sees): it raises
+:class:`NucleusTooLargeError`, or is dropped and counted with
+``on_oversize="drop"``. That check reads only the set of detections, so
+whether a slide raises does not depend on the order of its tiles either.
 """
 
 from __future__ import annotations
@@ -159,6 +167,7 @@ class Stitcher:
         self._order = sorted(self._pos, key=lambda rc: self._pos[rc].index)
         self._next = 0  # position in _order of the next tile to finalise
         self._dets: dict[tuple[int, int], list[Nucleus]] = {}
+        self._cut: dict[tuple[int, int], list[Nucleus]] = {}  # own detections cut by their window, until checked
         self._kept: dict[tuple[int, int], list[Nucleus]] = {}
         self._final: set[tuple[int, int]] = set()
         self._arrived: set[tuple[int, int]] = set()
@@ -171,12 +180,17 @@ class Stitcher:
                     yield q
 
     def whole_detections(self, tile: Tile, det: TileDetections, pixels: np.ndarray | None = None) -> list[Nucleus]:
-        """The whole detections of a tile with their keys, no ids; raises for an own one cut by an edge."""
+        """The whole detections of a tile with their keys, no ids."""
+        return self._views(tile, det, pixels)[0]
+
+    def _views(self, tile: Tile, det: TileDetections,
+               pixels: np.ndarray | None = None) -> tuple[list[Nucleus], list[Nucleus]]:
+        """A tile's whole detections, and its own detections cut by an interior edge of its window."""
         cx0, cy0, cx1, cy1 = tile.core
         W, H = self.grid.width, self.grid.height
         left, top = tile.x > 0, tile.y > 0
         right, bottom = tile.x + tile.size < W, tile.y + tile.size < H
-        out = []
+        out, cut_own = [], []
         for i in range(len(det)):
             bx0, by0, bx1, by1 = (int(v) for v in det.boxes[i])
             m = det.masks[i]
@@ -192,7 +206,8 @@ class Stitcher:
                 bottom and by1 >= tile.size)
             if cut:
                 if own:
-                    self._oversize(tile, bx1 - bx0, by1 - by0, cx, cy)
+                    cut_own.append(Nucleus(0, (gx0, gy0, tile.x + bx1, tile.y + by1), m, int(det.labels[i]),
+                                           float(det.scores[i]), (cx, cy), tile.index))
                 continue
             if int(m.sum()) < self.min_area:
                 self.dropped_small += own
@@ -207,16 +222,32 @@ class Stitcher:
             out.append(Nucleus(0, (gx0, gy0, tile.x + bx1, tile.y + by1), m, int(det.labels[i]),
                                float(det.scores[i]), (cx, cy), tile.index, rgb,
                                (own, depth, float(det.scores[i]), -tile.index, -i)))
-        return out
+        return out, cut_own
 
-    def _oversize(self, tile: Tile, w: int, h: int, cx: float, cy: float) -> None:
+    def _oversize(self, c: Nucleus) -> None:
         if self.on_oversize == "error":
+            x0, y0, x1, y1 = c.box
             raise NucleusTooLargeError(
-                f"a nucleus of {w}x{h} px centred at model pixel ({cx:.0f}, {cy:.0f}) reaches the edge of tile "
-                f"{tile.index}: it extends more than overlap/2 = {self.grid.halo} px from its centre, so it cannot "
-                f"be stitched exactly. Use a larger overlap (now {self.grid.overlap}) of at least twice the largest "
-                "nucleus radius, or drop such objects (on_oversize='drop').")
+                f"a nucleus of at least {x1 - x0}x{y1 - y0} px centred at model pixel ({c.centroid[0]:.0f}, "
+                f"{c.centroid[1]:.0f}) reaches the edge of tile {c.tile} and no neighbouring tile sees it whole: "
+                f"it is larger than the tile overlap ({self.grid.overlap} px), so it cannot be stitched exactly. "
+                "Use a larger overlap, at least the largest nucleus's length, or drop such objects "
+                "(on_oversize='drop').")
         self.dropped_oversize += 1
+
+    def _check_cut(self, rc: tuple[int, int]) -> None:
+        """Each own detection of tile ``rc`` that its window cuts must be seen whole by a neighbour."""
+        cut = self._cut.pop(rc, [])
+        others = [e for q in self._near(rc) if q != rc for e in self._dets[q]]
+        for c, near in zip(cut, _box_neighbours(cut, others)):
+            seen = False
+            for e in near:
+                ov = _overlap(c, e)
+                if ov is not None and 2 * int((ov[0] & ov[1]).sum()) >= c.area:
+                    seen = True
+                    break
+            if not seen:
+                self._oversize(c)
 
     def add(self, tile: Tile, det: TileDetections,
             pixels: np.ndarray | None = None) -> list[tuple[Tile, list[Nucleus]]]:
@@ -225,7 +256,9 @@ class Stitcher:
         rc = (tile.row, tile.col)
         if rc in self._arrived:
             raise ValueError(f"tile {tile.index} was added twice")
-        self._dets[rc] = self.whole_detections(tile, det, pixels)
+        self._dets[rc], cut = self._views(tile, det, pixels)
+        if cut:
+            self._cut[rc] = cut
         self._arrived.add(rc)
         return self._advance()
 
@@ -238,6 +271,7 @@ class Stitcher:
 
     def _decide(self, rc: tuple[int, int]) -> None:
         """Which whole detections of tile ``rc`` are kept (needs its neighbours' detections)."""
+        self._check_cut(rc)
         rivals = [e for q in self._near(rc) for e in self._dets[q]]
         kept = []
         for d, near in zip(self._dets[rc], _box_neighbours(self._dets[rc], rivals)):
