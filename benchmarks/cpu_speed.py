@@ -6,9 +6,9 @@
 Real tiles are read from the bundled CMU-1 sample at the model's mpp. For every setting (post-NMS proposals
 at test time) it prints the stages of the forward pass (backbone, FPN, RPN, box head, mask head) and the
 post-processing (mask pasting), the tiles per second, and the mm² of tissue per minute that rate gives
-(each tile contributes its core: (tile - overlap)² pixels). A setting is PROPOSALSxSTREAMS[@TILE][+srN][+clmask]:
+(each tile contributes its core: (tile - overlap)² pixels). A setting is PROPOSALSxSTREAMS[@TILE[/OVERLAP]][+srN][+clmask]:
 post-NMS RPN proposals at test time, batches run at once on the CPU (``DeviceConfig.streams``; streams do not
-change the detections), the tile size (default: the model card's), the RoIAlign sampling ratio (default: the
+change the detections), the tile size and overlap (default: the model card's), the RoIAlign sampling ratio (default: the
 card's) and, with ``+clmask``, the mask head on channels-last maps as before (the predictor now runs it on NCHW
 maps, where the CPU's GroupNorm is faster; the detections are the same). With ``--pq`` it scores each proposal count
 and tile size on the validation images of every dataset of the training config (``--config``), so that a
@@ -36,17 +36,20 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def parse_setting(text: str) -> dict:
-    """PROPOSALSxSTREAMS[@TILE][+srN][+clmask] -> proposals, streams, tile size (None: the card's), RoIAlign
+    """PROPOSALSxSTREAMS[@TILE[/OVERLAP]][+srN][+clmask] -> proposals, streams, tile size and overlap (None: the
+    card's), RoIAlign
     sampling ratio (None: the card's) and whether the mask head runs on channels-last maps (as before issue 19's
     second step)."""
     head, *mods = text.split("+")
     head, _, tile = head.partition("@")
+    tile, _, overlap = tile.partition("/")
     proposals, streams = (int(x) for x in head.split("x"))
     sr = next((int(m[2:]) for m in mods if m.startswith("sr")), None)
     unknown = [m for m in mods if not m.startswith("sr") and m != "clmask"]
     if unknown:
         raise SystemExit(f"setting {text!r}: unknown modifier {unknown[0]!r} (srN or clmask)")
     return {"proposals": proposals, "streams": streams, "tile": int(tile) if tile else None,
+            "overlap": int(overlap) if overlap else None,
             "sampling_ratio": sr, "clmask": "clmask" in mods}
 
 
@@ -131,6 +134,8 @@ def predictor(model: str, setting: dict, streams: int | None = None):
     pred = load_predictor(model, device="cpu")
     if setting["tile"]:
         pred.card = dataclasses.replace(pred.card, tile_size=setting["tile"])
+    if setting["overlap"] is not None:
+        pred.card = dataclasses.replace(pred.card, overlap=setting["overlap"])
     proposals = setting["proposals"]
     pred.model.rpn._post_nms_top_n["testing"] = proposals
     pred.model.rpn._pre_nms_top_n["testing"] = max(proposals, min(2 * proposals, 2000))
@@ -194,7 +199,7 @@ def main() -> None:
     ap.add_argument("--tiles", type=int, default=32)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--settings", nargs="+", default=["300x2@256", "150x2@256", "300x2@512"],
-                    help="PROPOSALSxSTREAMS[@TILE][+srN][+clmask]; the first is the baseline")
+                    help="PROPOSALSxSTREAMS[@TILE[/OVERLAP]][+srN][+clmask]; the first is the baseline")
     ap.add_argument("--pq", action="store_true", help="score each proposal count and tile on every validation set")
     ap.add_argument("--glass", type=int, default=0,
                     help="with --pq, also score the validation images set in this many pixels of blank glass")
@@ -214,12 +219,12 @@ def main() -> None:
         tiles = real_tiles(card, args.tiles)
         core_mm2 = ((card.tile_size - card.overlap) * card.mpp / 1000) ** 2
         r = {"setting": setting, "rpn_post_nms_top_n_test": st["proposals"], "streams": st["streams"],
-             "tile_size": card.tile_size, "roi_sampling_ratio": pred.model.roi_heads.box_roi_pool.sampling_ratio,
+             "tile_size": card.tile_size, "overlap": card.overlap, "roi_sampling_ratio": pred.model.roi_heads.box_roi_pool.sampling_ratio,
              "mask_head_channels_last": st["clmask"], **measure(predictor(args.model, st, 1), tiles, args.batch)}
         r["tiles_per_s"] = round(throughput(pred, tiles, args.batch), 3)
         r["mm2_per_min_forward"] = round(r["tiles_per_s"] * 60 * core_mm2, 3)
         if args.pq:
-            key = (st["proposals"], card.tile_size, r["roi_sampling_ratio"], st["clmask"])  # streams change nothing
+            key = (st["proposals"], card.tile_size, card.overlap, r["roi_sampling_ratio"], st["clmask"])  # not streams
             if key not in scored:
                 scored[key] = validation(pred, Path(args.config))
                 if args.glass:

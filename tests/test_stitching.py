@@ -290,3 +290,4 @@ def test_specks_below_the_minimum_area_are_dropped_and_counted():
     assert [n.area for n in kept] == [144] and st.dropped_small == 1
     st = Stitcher(grid, min_area=min_area_px(0.0, 0.25))
     assert len([n for _, ns in st.add(t, det) for n in ns]) == 2 and st.dropped_small == 0
+

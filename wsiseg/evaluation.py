@@ -321,22 +321,23 @@ def evaluate_images(gts: list[np.ndarray], preds: list[np.ndarray], gt_classes: 
     return out
 
 
-def evaluate_predictor(pred, val: list, class_names: list[str]) -> dict:
+def evaluate_predictor(pred, val: list, class_names: list[str], min_area_um2: float | None = None) -> dict:
     """Metrics of any predictor (a model or the threshold baseline) over labelled samples
-    (:class:`wsiseg.datasets.Sample`), tiled as on slides."""
+    (:class:`wsiseg.datasets.Sample`), tiled as on slides; the smallest nuclei kept are the card's unless
+    given."""
     import cv2
 
     from .stitching import min_area_px, segment_array
 
     card = pred.card
+    min_area = min_area_px(card.min_area_um2 if min_area_um2 is None else min_area_um2, card.mpp)
     gts, preds, gcls, pcls, scores, mpps = [], [], [], [], [], []
     for s in val:
         img, lab = s.image, s.instances
         f = s.mpp / card.mpp
         if abs(f - 1) > 0.02:
             img = cv2.resize(img, None, fx=f, fy=f, interpolation=cv2.INTER_LINEAR)
-        labels, cls, sc = segment_array(img, pred, card.tile_size, card.overlap,
-                                        min_area=min_area_px(card.min_area_um2, card.mpp))
+        labels, cls, sc = segment_array(img, pred, card.tile_size, card.overlap, min_area=min_area)
         if labels.shape != lab.shape:
             labels = cv2.resize(labels, (lab.shape[1], lab.shape[0]), interpolation=cv2.INTER_NEAREST)
         gts.append(lab)
