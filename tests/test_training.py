@@ -510,6 +510,10 @@ def test_train_on_several_datasets_with_their_splits(tmp_path, monkeypatch):
     card = load_card(tmp_path / "run" / "best.safetensors")
     assert card.class_names == ["immune", "epi"] and card.training["steps_done"] == 4
     assert card.training["datasets"]["plain"]["share"] == 0.75
+    # each class says which data taught it: only the dataset with class labels, with its training nuclei
+    n_epi = sum(c == 1 for smp in tr.training_pools(cfg)[0][0].train for c in smp.classes.values())
+    assert [c.description for c in card.classes][1] == f"learnt from typed: {n_epi:,} training nuclei"
+    assert "plain" not in card.classes[0].description and card.classes[0].description.startswith("learnt from typed")
     saved = json.loads((tmp_path / "run" / "split.json").read_text())
     assert saved["typed"]["val"] == ["t_2"] and len(saved["plain"]["val"]) == 1
     with pytest.raises(ValueError, match="'path'"):

@@ -18,10 +18,20 @@ NAMED_COLORS = {
 }
 
 
+# what the classes people name mean (CoNSeP's four, as HoVer-Net groups its seven types)
+NAMED_MEANINGS = {
+    "epithelial": "epithelial nuclei, normal and dysplastic or malignant (CoNSeP types 3 and 4)",
+    "inflammatory": "inflammatory cells: lymphocytes, plasma cells, neutrophils, eosinophils (CoNSeP type 2)",
+    "spindle": "spindle-shaped nuclei: fibroblasts, smooth muscle, endothelium (CoNSeP types 5, 6 and 7)",
+    "other": "nuclei of none of the other classes, e.g. necrotic, mitotic or unidentifiable cells (CoNSeP type 1)",
+}
+
+
 @dataclass
 class NucleusClass:
     name: str
     color: tuple[int, int, int]
+    description: str = ""  # what the class means and which data taught it
 
 
 @dataclass
@@ -82,7 +92,7 @@ class ModelCard:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelCard:
         d = dict(d)
-        d["classes"] = [NucleusClass(c["name"], tuple(c["color"])) for c in d["classes"]]
+        d["classes"] = [NucleusClass(c["name"], tuple(c["color"]), c.get("description", "")) for c in d["classes"]]
         cfg = dict(d.get("config", {}))
         for k in ("anchor_sizes", "aspect_ratios"):
             if k in cfg:
@@ -133,10 +143,16 @@ class ModelCard:
         return [c.name for c in self.classes]
 
 
-def default_classes(names: list[str]) -> list[NucleusClass]:
-    """Classes with the colours of NAMED_COLORS for the names it knows, and distinct others for the rest."""
-    return [NucleusClass(n, NAMED_COLORS.get(n.lower(), DEFAULT_COLORS[i % len(DEFAULT_COLORS)]))
-            for i, n in enumerate(names)]
+def default_classes(names: list[str], taught_by: dict[str, str] | None = None) -> list[NucleusClass]:
+    """Classes with the colours and meanings of NAMED_COLORS and NAMED_MEANINGS for the names they know, distinct
+    colours for the rest; ``taught_by`` (class name -> the data that taught it) completes each description."""
+    out = []
+    for i, n in enumerate(names):
+        meaning = NAMED_MEANINGS.get(n.lower(), "")
+        taught = (taught_by or {}).get(n)
+        desc = "; ".join(x for x in (meaning, f"learnt from {taught}" if taught else "") if x)
+        out.append(NucleusClass(n, NAMED_COLORS.get(n.lower(), DEFAULT_COLORS[i % len(DEFAULT_COLORS)]), desc))
+    return out
 
 
 class ModelLoadError(Exception):

@@ -484,6 +484,14 @@ def validate_pools(model: torch.nn.Module, card: ModelCard, pools: list[Pool], c
     return out
 
 
+def class_sources(pools: list[Pool], class_names: list[str]) -> dict[str, str]:
+    """For each class, the datasets whose training nuclei carry it, with their counts ("consep: 3,210 nuclei")."""
+    counts = {p.name: np.bincount([c for s in p.train for c in s.classes.values()], minlength=len(class_names))
+              for p in pools}
+    return {n: ", ".join(f"{name}: {int(k[c]):,} training nuclei" for name, k in counts.items() if k[c])
+            for c, n in enumerate(class_names) if any(k[c] for k in counts.values())}
+
+
 def _training_card(cfg: TrainConfig, pools: list[Pool], class_names: list[str]) -> ModelCard:
     """The card the trained model is exported with: architecture, classes, data and the whole config."""
     mcfg = ModelConfig(**{**cfg.model, "num_classes": len(class_names), "tile_size": cfg.tile_size})
@@ -493,7 +501,8 @@ def _training_card(cfg: TrainConfig, pools: list[Pool], class_names: list[str]) 
                                           "val_images": len(p.val)} for p in pools}
     if cfg.extra_data and not cfg.datasets:
         data_info["extra_images"] = sum(len(p.train) for p in pools if p.name == "extra_data")
-    return ModelCard(name=cfg.name, classes=default_classes(class_names), mpp=cfg.mpp, tile_size=cfg.tile_size,
+    return ModelCard(name=cfg.name, classes=default_classes(class_names, class_sources(pools, class_names)),
+                     mpp=cfg.mpp, tile_size=cfg.tile_size,
                      overlap=cfg.overlap, config=mcfg, description=cfg.description,
                      training={**asdict(cfg), **data_info})
 
