@@ -12,37 +12,16 @@ stitching and evaluation.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import itertools
 import json
-import time
 from pathlib import Path
 
-import numpy as np
 from common import write_result
 
 from wsiseg.datasets import InstanceFolder
-from wsiseg.detections import TileDetections
 from wsiseg.evaluation import evaluate_predictor
-from wsiseg.inference import MaskRCNNPredictor, select_device
+from wsiseg.inference import CachedPredictor, MaskRCNNPredictor, select_device
 from wsiseg.model import load_model
-
-
-class CachedForward:
-    """A predictor whose forward pass is computed once per tile batch; post-processing runs every time."""
-
-    def __init__(self, inner: MaskRCNNPredictor):
-        self.inner, self.card = inner, inner.card
-        self.cache: dict[str, list] = {}
-        self.forward_seconds = 0.0
-
-    def predict(self, tiles: np.ndarray) -> list[TileDetections]:
-        key = hashlib.sha1(tiles.tobytes()).hexdigest()
-        if key not in self.cache:
-            t = time.perf_counter()
-            self.cache[key] = self.inner.infer(tiles)
-            self.forward_seconds += time.perf_counter() - t
-        return self.inner.finish(self.cache[key], tiles.shape[1:3])
 
 
 def main() -> None:
@@ -60,7 +39,7 @@ def main() -> None:
     args = ap.parse_args()
 
     net, card = load_model(args.model)
-    pred = CachedForward(MaskRCNNPredictor(net, card, select_device("cpu"), prefilter=False))
+    pred = CachedPredictor(MaskRCNNPredictor(net, card, select_device("cpu"), prefilter=False))
     names = json.loads(Path(args.split).read_text())["val"]
     multi = len(card.class_names) > 1
     data = InstanceFolder(args.data, names=names, class_names=card.class_names if multi else None)
@@ -74,7 +53,7 @@ def main() -> None:
         if net.roi_heads.nms_thresh != nms:
             net.roi_heads.nms_thresh = nms
             pred.cache.clear()
-        pred.inner.score_threshold, pred.inner.mask_threshold = s, m
+        pred.score_threshold, pred.mask_threshold = s, m
         r = evaluate_predictor(pred, data.samples, classes, min_area_um2=area)
         acc = r.get("classification_accuracy", float("nan"))
         row = {"nms_threshold": nms, "score_threshold": s, "mask_threshold": m, "min_area_um2": area,

@@ -496,7 +496,7 @@ def test_train_on_several_datasets_with_their_splits(tmp_path, monkeypatch):
                       model=dict(backbone="resnet18", width=8, fpn_channels=32, box_head_dim=64,
                                  mask_head_channels=16, detections_per_tile=50),
                       tile_size=128, overlap=32, steps=4, batch_size=4, val_every=4, warmup_steps=1,
-                      out=str(tmp_path / "run"), threads=1)
+                      out=str(tmp_path / "run"), threads=1, score_thresholds=[0.2, 0.5])
     train(cfg, log=lambda *_: None)
     names = [n for n, _ in drawn]
     assert "t_2" not in names and 6 <= sum(n.startswith("p") for n in names) <= 16  # 3/4 of the crops
@@ -509,6 +509,10 @@ def test_train_on_several_datasets_with_their_splits(tmp_path, monkeypatch):
 
     card = load_card(tmp_path / "run" / "best.safetensors")
     assert card.class_names == ["immune", "epi"] and card.training["steps_done"] == 4
+    # validation tried both score thresholds; the model ships with the one it scored best at
+    by_t = val[-1]["pq_by_score_threshold"]
+    assert set(by_t) == {"0.2", "0.5"} and val[-1]["pq"] == max(by_t.values())
+    assert card.score_threshold == val[-1]["score_threshold"] and by_t[str(card.score_threshold)] == val[-1]["pq"]
     assert card.training["datasets"]["plain"]["share"] == 0.75
     # each class says which data taught it: only the dataset with class labels, with its training nuclei
     n_epi = sum(c == 1 for smp in tr.training_pools(cfg)[0][0].train for c in smp.classes.values())

@@ -215,6 +215,32 @@ class MaskRCNNPredictor:
         return [r.finish(size, self.score_threshold, self.mask_threshold) for r in raw]
 
 
+class CachedPredictor:
+    """A predictor whose model output is computed once per batch of tiles, so that its score and mask thresholds
+    can change between calls (validation trying several score thresholds, post-processing sweeps). Thresholds
+    below the inner predictor's own score threshold see only the boxes above it (it prefilters)."""
+
+    def __init__(self, inner: MaskRCNNPredictor):
+        self.inner, self.card = inner, inner.card
+        self.score_threshold, self.mask_threshold = inner.score_threshold, inner.mask_threshold
+        self.cache: dict[bytes, list[ModelOutput]] = {}
+        self.forward_seconds = 0.0
+
+    def infer(self, tiles: np.ndarray) -> list[ModelOutput]:
+        import hashlib
+        import time
+
+        key = hashlib.sha1(np.ascontiguousarray(tiles).tobytes()).digest() + bytes(str(tiles.shape), "ascii")
+        if key not in self.cache:
+            t = time.perf_counter()
+            self.cache[key] = self.inner.infer(tiles)
+            self.forward_seconds += time.perf_counter() - t
+        return self.cache[key]
+
+    def predict(self, tiles: np.ndarray) -> list[TileDetections]:
+        return [r.finish(tiles.shape[1:3], self.score_threshold, self.mask_threshold) for r in self.infer(tiles)]
+
+
 T = TypeVar("T")
 
 

@@ -183,6 +183,7 @@ class TrainConfig:
     hed_jitter: bool = True
     scale_jitter: float = 0.1
     glass: float = 0.0  # share of crops that reach past the image's edge onto blank glass (tissue edges)
+    score_thresholds: list[float] = field(default_factory=list)  # validation tries each; the best (mean PQ) ships
     hide_class_fraction: float = 0.0
     hide_mask_fraction: float = 0.0
     partial_mode: str = "partial"  # partial | background | drop
@@ -306,15 +307,6 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     peak = cfg.restart_peaks[cycle - 1] if 0 < cycle <= len(cfg.restart_peaks) else 1.0
     p = (step - start) / max(1, end - start)
     return cfg.lr * peak * 0.5 * (1 + math.cos(math.pi * min(1.0, p)))
-
-
-def validate(model: torch.nn.Module, card: ModelCard, val: list[Sample], class_names: list[str],
-             device: DeviceConfig) -> dict:
-    """Metrics of a Mask R-CNN being trained, over labelled samples, run as inference runs on ``device``."""
-    from .inference import MaskRCNNPredictor
-
-    model.eval()
-    return evaluate_predictor(MaskRCNNPredictor(model, card, device), val, class_names)
 
 
 def _truncate_log(path: Path, step: int) -> None:
@@ -474,14 +466,29 @@ def _pick_pool(pools: list[Pool], rng: np.random.Generator) -> Pool:
 
 
 def validate_pools(model: torch.nn.Module, card: ModelCard, pools: list[Pool], class_names: list[str],
-                   device: DeviceConfig) -> dict:
-    """Validation metrics; with several validated datasets, the mean PQ/F1/AJI over them and each one's."""
-    per = {p.name: validate(model, card, p.val, class_names, device) for p in pools if p.val}
-    if len(per) == 1:
-        return next(iter(per.values()))
-    out: dict[str, Any] = {k: float(np.mean([m[k] for m in per.values()])) for k in ("pq", "f1", "aji", "dq", "sq")}
-    out["datasets"] = per
-    return out
+                   device: DeviceConfig, score_thresholds: list[float] | None = None) -> dict:
+    """Validation metrics; with several validated datasets, the mean PQ/F1/AJI over them and each one's. With
+    ``score_thresholds``, the metrics at the one of them with the best (mean) PQ, which is named in
+    ``score_threshold``, with the PQ at each in ``pq_by_score_threshold`` (the model runs once per tile)."""
+    from .inference import CachedPredictor, MaskRCNNPredictor
+
+    thresholds = sorted(set(score_thresholds or [card.score_threshold]))
+    model.eval()
+    pred = CachedPredictor(MaskRCNNPredictor(model, card, device, score_threshold=thresholds[0]))
+    results = {}
+    for t in thresholds:
+        pred.score_threshold = t
+        per = {p.name: evaluate_predictor(pred, p.val, class_names) for p in pools if p.val}
+        if len(per) == 1:
+            results[t] = next(iter(per.values()))
+        else:
+            results[t] = {k: float(np.mean([m[k] for m in per.values()])) for k in ("pq", "f1", "aji", "dq", "sq")}
+            results[t]["datasets"] = per
+    if len(thresholds) == 1:
+        return results[thresholds[0]]
+    best = max(thresholds, key=lambda t: results[t]["pq"])
+    return {**results[best], "score_threshold": best,
+            "pq_by_score_threshold": {str(t): results[t]["pq"] for t in thresholds}}
 
 
 def class_sources(pools: list[Pool], class_names: list[str]) -> dict[str, str]:
@@ -639,13 +646,15 @@ def train(cfg: TrainConfig, log=print) -> dict:
 def _validate_and_keep_best(model, card: ModelCard, pools: list[Pool], class_names: list[str], val_names: list[str],
                             dev: DeviceConfig, cfg: TrainConfig, step: int, best: dict, out: Path, log) -> dict:
     """Validate, log to val.jsonl, and export the model when it beats ``best`` (by mean PQ); returns the best."""
-    metrics = validate_pools(model, card, pools, class_names, dev)
+    metrics = validate_pools(model, card, pools, class_names, dev, cfg.score_thresholds)
     log(f"validation at step {step}: " + ", ".join(f"{k}={v:.3f}" for k, v in metrics.items() if isinstance(v, float)))
     with open(out / "val.jsonl", "a") as f:
         f.write(json.dumps({"step": step, **metrics}) + "\n")
     if metrics["pq"] <= best["pq"]:
         return best
     best = {"step": step, **metrics}
+    if "score_threshold" in metrics:  # the exported model runs at the threshold it was validated at
+        card.score_threshold = metrics["score_threshold"]
     card.metrics = {"validation": best, "val_images": val_names}
     save_model(model, card, out / "best.safetensors", half=True)
     write_text_atomic(out / "best.json", json.dumps(best, indent=2))
