@@ -27,6 +27,8 @@ def test_default_model_is_bundled_with_a_card():
     card = load_card(path)
     assert card.class_names == ["epithelial", "inflammatory", "spindle", "other"] and card.mpp == 0.25
     assert card.overlap < card.tile_size and card.description
+    # each class says what it means and which data taught it (only CoNSeP carries classes)
+    assert all(c.description and "learnt from consep" in c.description for c in card.classes)
     val = card.metrics["validation"]
     assert {"pq", "f1", "aji"} <= set(val) and set(val["datasets"]) == {"consep", "monuseg", "gbm40", "tcga_glioma"}
     assert card.training["steps_done"] > 0 and card.training["cpu_hours"] > 0
