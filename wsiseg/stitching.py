@@ -240,13 +240,8 @@ class Stitcher:
         cut = self._cut.pop(rc, [])
         others = [e for q in self._near(rc) if q != rc for e in self._dets[q]]
         for c, near in zip(cut, _box_neighbours(cut, others)):
-            seen = False
-            for e in near:
-                ov = _overlap(c, e)
-                if ov is not None and 2 * int((ov[0] & ov[1]).sum()) >= c.area:
-                    seen = True
-                    break
-            if not seen:
+            if not any(2 * int((ov[0] & ov[1]).sum()) >= c.area
+                       for ov in (_overlap(c, e) for e in near) if ov is not None):
                 self._oversize(c)
 
     def add(self, tile: Tile, det: TileDetections,

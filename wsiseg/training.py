@@ -474,7 +474,9 @@ def validate_pools(model: torch.nn.Module, card: ModelCard, pools: list[Pool], c
 
     thresholds = sorted(set(score_thresholds or [card.score_threshold]))
     model.eval()
-    pred = CachedPredictor(MaskRCNNPredictor(model, card, device, score_threshold=thresholds[0]))
+    pred = MaskRCNNPredictor(model, card, device, score_threshold=thresholds[0])
+    if len(thresholds) > 1:  # the model's output is kept only when it is read again
+        pred = CachedPredictor(pred)
     results = {}
     for t in thresholds:
         pred.score_threshold = t
