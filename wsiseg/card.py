@@ -63,6 +63,7 @@ class ModelConfig:
     rpn_post_nms_top_n_train: int = 2000
     box_batch_size_per_image: int = 512
     box_positive_fraction: float = 0.25  # training only: share of sampled proposals that match a nucleus
+    rpn_batch_size_per_image: int = 256  # training only: anchors sampled per crop for the RPN loss (half positive)
     score_thresh: float = 0.05
     nms_thresh: float = 0.4
 
