@@ -379,6 +379,39 @@ def test_init_weights_copies_a_saved_model_and_renews_heads_for_new_classes(tmp_
         init_weights(wider, ["nucleus"], path)
 
 
+def test_init_weights_widens_the_rpn_to_more_anchor_scales(tmp_path):
+    """A model with one anchor per ratio initialises one with three scales per ratio: every new anchor of a
+    ratio starts with the source anchor's objectness and box deltas, so the source's proposals survive."""
+    from dataclasses import replace
+
+    from helpers_model import tiny_config, tiny_model
+
+    from wsiseg.model import build_model
+    from wsiseg.training import init_weights
+
+    path, source, _ = tiny_model(tmp_path, classes=("nucleus",), tile_size=128)
+    cfg = replace(tiny_config(128, 1), anchor_scales=(1.0, 1.41, 2.0))
+    wide = build_model(cfg)
+    info = init_weights(wide, ["nucleus"], path)
+    assert sorted(info["expanded_tensors"]) == sorted(f"rpn.head.{n}.{p}" for n in ("cls_logits", "bbox_pred")
+                                                      for p in ("weight", "bias"))
+    assert wide.rpn.anchor_generator.num_anchors_per_location()[0] == 3 * len(cfg.aspect_ratios)
+    x = torch.rand(1, cfg.fpn_channels, 8, 8)
+    with torch.no_grad():
+        old_obj, old_box = source.rpn.head([x])
+        new_obj, new_box = wide.rpn.head([x])
+    n_ratios = len(cfg.aspect_ratios)
+    for r in range(n_ratios):
+        for s in range(3):
+            a = r * 3 + s  # torchvision orders a level's anchors ratio-major, scale-minor
+            assert torch.equal(new_obj[0][:, a], old_obj[0][:, r])
+            assert torch.equal(new_box[0][:, 4 * a:4 * a + 4], old_box[0][:, 4 * r:4 * r + 4])
+    gen = wide.rpn.anchor_generator
+    widths = gen.cell_anchors[0][:, 2] - gen.cell_anchors[0][:, 0]
+    ratio = widths.reshape(n_ratios, 3)[:, 1:] / widths.reshape(n_ratios, 3)[:, :1]  # (torchvision rounds anchors)
+    assert ratio.allclose(torch.tensor([1.41, 2.0]).expand(n_ratios, 2), rtol=0.1)
+
+
 def test_train_fine_tunes_from_a_saved_model(tmp_path, data_dir):
     from helpers_model import tiny_model
 

@@ -49,6 +49,7 @@ class ModelConfig:
     num_classes: int = 1  # nucleus classes, background excluded
     tile_size: int = 512
     anchor_sizes: tuple[int, ...] = (8, 16, 32, 64, 128)
+    anchor_scales: tuple[float, ...] = (1.0,)  # anchors per FPN level: each size times each scale
     aspect_ratios: tuple[float, ...] = (0.5, 1.0, 2.0)
     mask_roi_size: int = 14
     roi_sampling_ratio: int = 2  # bilinear samples per RoIAlign bin side (box and mask pooling)
@@ -95,7 +96,7 @@ class ModelCard:
         d = dict(d)
         d["classes"] = [NucleusClass(c["name"], tuple(c["color"]), c.get("description", "")) for c in d["classes"]]
         cfg = dict(d.get("config", {}))
-        for k in ("anchor_sizes", "aspect_ratios"):
+        for k in ("anchor_sizes", "anchor_scales", "aspect_ratios"):
             if k in cfg:
                 cfg[k] = tuple(cfg[k])
         d["config"] = ModelConfig(**cfg)

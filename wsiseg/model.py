@@ -143,7 +143,9 @@ def build_model(cfg: ModelConfig, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224,
     sizes = tuple(cfg.anchor_sizes)[:n_maps]
     if len(sizes) < n_maps:
         raise ValueError(f"{cfg.backbone} needs {n_maps} anchor sizes, got {len(sizes)}")
-    anchors = AnchorGenerator(sizes=tuple((s,) for s in sizes), aspect_ratios=(tuple(cfg.aspect_ratios),) * n_maps)
+    scales = tuple(cfg.anchor_scales)
+    anchors = AnchorGenerator(sizes=tuple(tuple(s * k for k in scales) for s in sizes),
+                              aspect_ratios=(tuple(cfg.aspect_ratios),) * n_maps)
     names = [str(i) for i in range(n_maps - 1)] if n_maps == 5 else ["0", "1"]
     model = MaskRCNN(
         backbone,

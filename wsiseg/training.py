@@ -235,9 +235,15 @@ def init_weights(model: torch.nn.Module, class_names: list[str], path: str | os.
     state = load_file(str(path))
     own = model.state_dict()
     copied, fresh = {}, []
+    expanded = []
     for k, v in own.items():
         if k.startswith(CLASS_HEADS) and not same_classes:
             fresh.append(k)
+            continue
+        if k.startswith(RPN_OUTPUTS) and k in state and state[k].shape[1:] == v.shape[1:] \
+                and state[k].shape[0] != v.shape[0]:
+            copied[k] = _more_anchor_scales(state[k], v, src.config, path, k)
+            expanded.append(k)
             continue
         if k not in state or tuple(state[k].shape) != tuple(v.shape):
             got = tuple(state[k].shape) if k in state else "missing"
@@ -246,7 +252,24 @@ def init_weights(model: torch.nn.Module, class_names: list[str], path: str | os.
         copied[k] = state[k].to(v.dtype)
     model.load_state_dict({**own, **copied})
     return {"from": str(path), "source_model": src.name, "source_classes": src.class_names,
-            "copied_tensors": len(copied), "fresh_tensors": fresh}
+            "copied_tensors": len(copied), "fresh_tensors": fresh, "expanded_tensors": expanded}
+
+
+RPN_OUTPUTS = ("rpn.head.cls_logits.", "rpn.head.bbox_pred.")
+
+
+def _more_anchor_scales(old: torch.Tensor, new: torch.Tensor, src_cfg, path, key: str) -> torch.Tensor:
+    """An RPN output layer of a source model with one anchor per aspect ratio, repeated for each of the
+    configured network's anchor scales (anchors are ordered ratio-major, scale-minor; a box output has four
+    channels per anchor), so that fine-tuning starts from the source's proposals."""
+    n_ratios = len(src_cfg.aspect_ratios)
+    per = old.shape[0] // n_ratios  # 1 (objectness) or 4 (box deltas) per anchor
+    k = new.shape[0] // old.shape[0]
+    if len(src_cfg.anchor_scales) != 1 or old.shape[0] % n_ratios or new.shape[0] != k * old.shape[0]:
+        raise ValueError(f"{path}: cannot initialise from this model: {key} is {tuple(old.shape)}, the configured "
+                         f"network needs {tuple(new.shape)} (only a model with one anchor scale can be widened)")
+    groups = old.reshape(n_ratios, 1, per, *old.shape[1:]).expand(n_ratios, k, per, *old.shape[1:])
+    return groups.reshape(new.shape).to(new.dtype).clone()
 
 
 def split_names(names: list[str], cfg: TrainConfig) -> tuple[list[str], list[str]]:
@@ -591,8 +614,10 @@ def train(cfg: TrainConfig, log=print) -> dict:
     if src is not None and not ckpt.exists():
         info = init_weights(model, class_names, src)
         card.training["init_weights"] = info
-        log(f"initialised from {src}: {info['copied_tensors']} tensors copied, "
-            f"{len(info['fresh_tensors'])} class-head tensors new")
+        log(f"initialised from {src}: {info['copied_tensors']} tensors copied"
+            + (f" ({len(info['expanded_tensors'])} RPN outputs repeated per anchor scale)"
+               if info["expanded_tensors"] else "")
+            + f", {len(info['fresh_tensors'])} class-head tensors new")
     model.to(dev.device)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = _optimizer(params, cfg)
