@@ -1,4 +1,4 @@
-"""What every benchmark script does with its result: add the machine, write JSON, say where."""
+"""What benchmark scripts share: the validation sets of a training config; writing a result as JSON."""
 
 from __future__ import annotations
 
@@ -15,4 +15,20 @@ def write_result(path: str | os.PathLike, result: dict) -> Path:
     out.write_text(json.dumps({**result, "machine": {"cpus": os.cpu_count(), "platform": platform.platform()}},
                               indent=2))
     print(f"wrote {out}")
+    return out
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def validation_sets(config: str | os.PathLike) -> list[tuple[str, Path, list[str]]]:
+    """(name, folder, validation image names) for every dataset of a training config, from its split files."""
+    from wsiseg.training import TrainConfig
+
+    cfg = TrainConfig.from_yaml(REPO / config)
+    sets = cfg.datasets or [{"name": Path(cfg.data).name, "path": cfg.data, "split": "configs/default-split.json"}]
+    out = []
+    for d in sets:
+        path = Path(d["path"]) if Path(d["path"]).is_absolute() else REPO / d["path"]
+        out.append((d.get("name", path.name), path, json.loads((REPO / d["split"]).read_text())["val"]))
     return out

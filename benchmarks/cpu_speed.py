@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import write_result  # noqa: E402
+from common import validation_sets, write_result  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -162,18 +162,13 @@ def validation(pred, config: Path, glass: int = 0) -> dict:
     ``glass``, on those images set in that many pixels of blank glass."""
     from wsiseg.datasets import InstanceFolder
     from wsiseg.evaluation import evaluate_predictor
-    from wsiseg.training import TrainConfig
 
-    cfg = TrainConfig.from_yaml(config)
-    sets = cfg.datasets or [{"name": Path(cfg.data).name, "path": cfg.data, "split": "configs/default-split.json"}]
     out = {}
-    for d in sets:
-        names = json.loads((REPO / d["split"]).read_text())["val"]
-        path = Path(d["path"]) if Path(d["path"]).is_absolute() else REPO / d["path"]
+    for name, path, names in validation_sets(config):
         data = InstanceFolder(path, names=names)
         samples = [on_glass(x, glass) for x in data.samples] if glass else data.samples
         m = evaluate_predictor(pred, samples, pred.card.class_names)
-        out[d.get("name", path.name)] = {"pq": round(m["pq"], 4), "f1": round(m["f1"], 4)}
+        out[name] = {"pq": round(m["pq"], 4), "f1": round(m["f1"], 4)}
     return out
 
 

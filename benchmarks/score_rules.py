@@ -14,11 +14,9 @@ evaluation. The card's rule (one score threshold, one smallest area) is the base
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
 
 import numpy as np
-from common import write_result
+from common import validation_sets, write_result
 
 from wsiseg.card import default_model_path
 from wsiseg.datasets import InstanceFolder
@@ -26,9 +24,6 @@ from wsiseg.detections import RawDetections
 from wsiseg.evaluation import evaluate_predictor
 from wsiseg.inference import CachedPredictor, MaskRCNNPredictor, select_device
 from wsiseg.model import load_model
-from wsiseg.training import TrainConfig
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 class Rule:
@@ -83,11 +78,8 @@ def main() -> None:
 
     net, card = load_model(args.model)
     cache = CachedPredictor(MaskRCNNPredictor(net, card, select_device("cpu"), prefilter=False))
-    cfg = TrainConfig.from_yaml(REPO / args.config)
     table: dict[str, dict[str, dict]] = {}
-    for d in cfg.datasets:
-        names = json.loads((REPO / d["split"]).read_text())["val"]
-        path = Path(d["path"]) if Path(d["path"]).is_absolute() else REPO / d["path"]
+    for set_name, path, names in validation_sets(args.config):
         data = InstanceFolder(path, names=names, class_names=card.class_names)
         multi = len(card.class_names) > 1 and any(s.classes for s in data.samples)
         classes = card.class_names if multi else ["nucleus"]
@@ -96,8 +88,8 @@ def main() -> None:
             row = {k: m[k] for k in ("pq", "f1", "aji", "tp", "fp", "fn")}
             row["accuracy"] = m.get("classification_accuracy")
             row["recall_10_20"] = m["recall_by_area_um2"]["10-20"]["recall"]
-            table.setdefault(name, {})[d["name"]] = row
-            print(f"{d['name']:12s} {name:22s} PQ {row['pq']:.4f} F1 {row['f1']:.4f} FP {row['fp']:5d} "
+            table.setdefault(name, {})[set_name] = row
+            print(f"{set_name:12s} {name:22s} PQ {row['pq']:.4f} F1 {row['f1']:.4f} FP {row['fp']:5d} "
                   f"FN {row['fn']:5d} recall 10-20 {row['recall_10_20']:.3f}", flush=True)
         cache.cache.clear()
     base = table["card"]

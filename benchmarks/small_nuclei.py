@@ -24,32 +24,22 @@ import torch.nn.functional as F
 from common import write_result
 from torchvision.ops import box_iou
 
+from wsiseg.augment import targets_from_labels
 from wsiseg.card import default_model_path
 from wsiseg.datasets import InstanceFolder
 from wsiseg.evaluation import AREA_BINS_UM2
 from wsiseg.model import load_model
 
 
-def nucleus_boxes(lab: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
-    """Bounding boxes (x0, y0, x1, y1) and pixel areas of the instances of a label image."""
-    ids = np.unique(lab)
-    ids = ids[ids > 0]
-    boxes, areas = [], []
-    for i in ids:
-        ys, xs = np.nonzero(lab == i)
-        boxes.append([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1])
-        areas.append(len(ys))
-    return torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4), np.asarray(areas)
-
-
 @torch.inference_mode()
-def per_nucleus(net, samples, mpp: float) -> dict[str, np.ndarray]:
+def per_nucleus(net, samples) -> dict[str, np.ndarray]:
     """Area (µm²), anchors at IoU >= 0.7 and >= 0.5, best proposal IoU and box-head score of every nucleus."""
     cols = {k: [] for k in ("area", "anchors_07", "anchors_05", "proposal_iou", "score")}
     for s in samples:
-        boxes, areas = nucleus_boxes(s.instances)
-        if not len(boxes):
+        t = targets_from_labels(s.instances, {}, set(), min_area=1)  # the boxes training gives the RPN
+        if not len(t["boxes"]):
             continue
+        boxes, areas = torch.from_numpy(t["boxes"]), t["masks"].sum((1, 2))
         x = torch.from_numpy(np.array(s.image)).permute(2, 0, 1).float() / 255
         images, _ = net.transform([x])
         feats = net.backbone(images.tensors)
@@ -82,7 +72,7 @@ def main() -> None:
     mpp = data.samples[0].mpp
     if abs(mpp / card.mpp - 1) > 0.02:
         raise SystemExit(f"{args.data}: images at {mpp} µm/px, the model runs at {card.mpp}: not comparable here")
-    v = per_nucleus(net, data.samples, mpp)
+    v = per_nucleus(net, data.samples)
     edges = [0.0, *AREA_BINS_UM2, float("inf")]
     rows = []
     print(f"{'area µm²':>10} {'nuclei':>7} {'no anchor>=0.7':>15} {'anchors>=0.5':>13} {'proposal>0.5':>13} "
