@@ -31,6 +31,13 @@ CANDIDATES = {
                                 mask_head_channels=256),
     "mobilenet_v3_large fpn128": dict(backbone="mobilenet_v3_large", fpn_channels=128, box_head_dim=512,
                                       mask_head_channels=128),
+    # ImageNet-pretrainable (frozen BatchNorm); issue 32
+    "efficientnet_lite0 fpn128": dict(backbone="efficientnet_lite0", fpn_channels=128, box_head_dim=512,
+                                      mask_head_channels=128),
+    "efficientnet_lite1 fpn128": dict(backbone="efficientnet_lite1", fpn_channels=128, box_head_dim=512,
+                                      mask_head_channels=128),
+    "efficientnet_lite2 fpn128": dict(backbone="efficientnet_lite2", fpn_channels=128, box_head_dim=512,
+                                      mask_head_channels=128),
 }
 
 
@@ -47,6 +54,7 @@ def main() -> None:
     ap.add_argument("--data", default=str(HERE.parent.parent / "shared" / "data" / "monuseg-train"))
     ap.add_argument("--tile", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--only", nargs="*", default=None, help="candidates to time (default: all)")
     args = ap.parse_args()
     data = InstanceFolder(args.data)
     rng = np.random.default_rng(0)
@@ -55,6 +63,8 @@ def main() -> None:
     tgts = [_to_torch(t) for _, t in batch]
     rows = {}
     for name, kw in CANDIDATES.items():
+        if args.only and name not in args.only:
+            continue
         torch.manual_seed(0)
         cfg = ModelConfig(**kw, tile_size=args.tile, detections_per_tile=400, rpn_pre_nms_top_n_train=2000,
                           rpn_post_nms_top_n_train=1000, rpn_pre_nms_top_n_test=2000, rpn_post_nms_top_n_test=1000,
@@ -81,15 +91,24 @@ def main() -> None:
                 features = model.backbone(model.transform(imgs[:1])[0].tensors)
                 times.append(time.perf_counter() - t0)
         backbone_s = float(np.median(times[1:]))
+        times = []
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            for _ in range(args.repeats + 1):
+                t0 = time.perf_counter()
+                model(imgs)
+                times.append(time.perf_counter() - t0)
+        forward_s = float(np.median(times[1:])) / len(imgs)
         rows[name] = {"params_M": params / 1e6, "fp16_MB": params * 2 / 1e6, "train_step_s": train_s,
-                      "backbone_tile_s": backbone_s}
+                      "backbone_tile_s": backbone_s,
+                      "forward_tile_s": forward_s}
         del features
         print(f"{name}: {rows[name]}", flush=True)
-    print(f"\n| candidate | params (M) | fp16 MB | train step (4×{args.tile}², s) | backbone per tile (s) |")
-    print("|---|---|---|---|---|")
+    print(f"\n| candidate | params (M) | fp16 MB | train step (4×{args.tile}², s) | backbone per tile (s) | "
+          "whole forward per tile, batch of 4, untrained (s) |")
+    print("|---|---|---|---|---|---|")
     for name, r in rows.items():
         print(f"| {name} | {r['params_M']:.1f} | {r['fp16_MB']:.0f} | {r['train_step_s']:.2f} | "
-              f"{r['backbone_tile_s']:.3f} |")
+              f"{r['backbone_tile_s']:.3f} | {r['forward_tile_s']:.3f} |")
     write_result(HERE / "results" / "backbones.json", {"benchmark": "backbones", "tile": args.tile, "results": rows})
 
 

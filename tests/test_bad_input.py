@@ -47,6 +47,8 @@ def _checksums(root: Path, skip: Path | None = None) -> dict[str, str]:
         if skip is not None and (d == skip or skip in d.parents):
             continue
         for f in files:
+            if f.startswith(".") and f.endswith(".lock"):  # wsiseg's own lock files (they hold the pid)
+                continue
             p = d / f
             out[str(p.relative_to(root))] = hashlib.sha256(p.read_bytes()).hexdigest() if not p.is_symlink() else "link"
     return out
@@ -213,6 +215,17 @@ def _eval_data(sb: Path, images: bool) -> None:
         (sb / "split.json").write_text('{"train": ["a"]}')
 
 
+def _model_in_out(sb: Path) -> None:
+    """An earlier output folder of wsiseg's that a user has since put the model file into."""
+    import shutil
+
+    from wsiseg.card import default_model_path
+
+    _slide_png(sb)
+    _run(["segment", f"{sb}/slides/keep.png", "--out", f"{sb}/out", *SLIDE], sb)
+    shutil.copy(default_model_path(), sb / "out" / "model.safetensors")
+
+
 def _foreign_summary(sb: Path) -> None:
     _user_files(sb)
     (sb / "out").mkdir()
@@ -233,6 +246,10 @@ CASES = [
          check=_check_refused_slide),
     Case("segment-overwrite-slide-inside-out", ["segment", "{sb}/out/slide.png", "--out", "{sb}/out", "--overwrite",
                                                 *SLIDE], 2, _slide_in_out, stderr_has=["holds an input"]),
+    Case("segment-overwrite-model-inside-out", ["segment", "{sb}/slides/keep.png", "--out", "{sb}/out", "--overwrite",
+                                                "--model", "{sb}/out/model.safetensors", "--mpp", "0.25",
+                                                "--whole-slide", "--quiet", "--no-stats", "--no-zarr"], 2,
+         _model_in_out, stderr_has=["holds an input", "model.safetensors"]),
     Case("segment-overwrite-foreign-folder", ["segment", "{sb}/slides/keep.png", "--out", "{sb}/out", "--overwrite",
                                               *SLIDE], 2, _foreign_out, stderr_has=["not created by wsiseg"]),
     Case("segment-foreign-partial", ["segment", "{sb}/slides/keep.png", "--out", "{sb}/out", *SLIDE], 2,
@@ -317,3 +334,44 @@ def test_bad_input(case: Case, tmp_path: Path) -> None:
         case.check(sb, proc)
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     assert usage.ru_maxrss * 1024 < MAX_RSS
+
+
+# ------------------------------------------------------------------ one run per output (issue 29)
+
+
+def _hold_lock(path: Path, lock_file: Path | None = None) -> subprocess.Popen:
+    """A process that holds wsiseg's lock of ``path`` until it is killed; returns once the lock is held."""
+    code = ("import sys, time; from wsiseg.atomic import output_lock\n"
+            f"with output_lock({str(path)!r}, {str(lock_file) if lock_file else None!r}):\n"
+            "    print('held', flush=True); time.sleep(600)")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+@pytest.mark.parametrize("command", ["segment", "batch"])
+def test_a_second_run_on_the_same_output_stops_and_names_the_first(command: str, tmp_path: Path) -> None:
+    from wsiseg.batch import BATCH_LOCK
+
+    sb = tmp_path
+    _png(sb / "in" / "a.png")
+    if command == "segment":
+        args = ["segment", "{sb}/in/a.png", "--out", "{sb}/out", *SLIDE]
+        lock = None
+    else:
+        args = ["batch", "{sb}/in", "--out", "{sb}/out", *BATCH]
+        (sb / "out").mkdir()
+        lock = sb / "out" / BATCH_LOCK
+    holder = _hold_lock(sb / "out", lock)
+    try:
+        before = _checksums(sb)
+        proc = _run(args, sb)
+        assert proc.returncode == 2, proc.stderr
+        assert f"another wsiseg run (pid {holder.pid})" in proc.stderr and "Traceback" not in proc.stderr
+        assert _checksums(sb) == before  # nothing written, nothing taken
+    finally:
+        holder.kill()  # as kill -9: the kernel releases the lock
+        holder.wait()
+    proc = _run(args, sb)
+    assert proc.returncode == 0, proc.stderr
+    assert (sb / "out" / ("summary.json" if command == "segment" else "manifest.json")).is_file()

@@ -13,6 +13,11 @@ Three rules:
 * wsiseg **only deletes what it created**: every folder it creates holds a
   marker file (``MARKER``), and a folder without it, or one that contains an
   input of the run, is never replaced or removed.
+* **One run per output**: a run holds an OS lock (``flock``) on a hidden file
+  beside its output (``output_lock``) from before it looks at the output until
+  it has published it; the kernel releases it when the process ends, however
+  it ends, so a second run on the same output stops at once with
+  ``OutputLockedError`` instead of taking the first one's folders.
 """
 
 from __future__ import annotations
@@ -31,6 +36,43 @@ MARKER = ".wsiseg-output"
 
 class OutputError(FileExistsError):
     """An output path that wsiseg refuses to create, replace or delete."""
+
+
+class OutputLockedError(OutputError):
+    """Another wsiseg run is writing to the same output."""
+
+
+def lock_path(final: str | os.PathLike) -> Path:
+    """The hidden lock file beside an output (``.<name>.lock``)."""
+    final = Path(final)
+    return final.with_name(f".{final.name}.lock")
+
+
+@contextlib.contextmanager
+def output_lock(final: str | os.PathLike, lock_file: str | os.PathLike | None = None) -> Iterator[Path]:
+    """Hold the exclusive lock of the output ``final`` for the block; ``OutputLockedError`` names the process
+    holding it when another run has it. The lock file stays (removing it would race with a run about to take
+    it); the lock itself dies with the process, even by ``kill -9``."""
+    import fcntl
+
+    final = Path(final)
+    path = Path(lock_file) if lock_file is not None else lock_path(final)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_symlink():
+        raise OutputError(f"{path}: the lock file of {final} is a symbolic link; remove it")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0), 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "?"
+            raise OutputLockedError(f"{final}: another wsiseg run (pid {holder}) is writing to it; wait for it to "
+                                    "finish or choose another output path") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield path
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def staging_path(final: str | os.PathLike) -> Path:

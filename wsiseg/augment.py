@@ -19,12 +19,44 @@ def hed_jitter(img: np.ndarray, rng: np.random.Generator, sigma: float = 0.05, b
     return (np.clip(hed2rgb(hed), 0, 1) * 255).astype(np.uint8)
 
 
+def colour_jitter(img: np.ndarray, rng: np.random.Generator, strength: float) -> np.ndarray:
+    """Random brightness (±strength/2), contrast and saturation (±strength) of an RGB uint8 image."""
+    x = img.astype(np.float32)
+    grey = x.mean(axis=2, keepdims=True)
+    x = grey + (x - grey) * rng.uniform(1 - strength, 1 + strength)  # saturation
+    x = x.mean() + (x - x.mean()) * rng.uniform(1 - strength, 1 + strength)  # contrast
+    x = x * rng.uniform(1 - strength / 2, 1 + strength / 2)  # brightness
+    return np.clip(x, 0, 255).astype(np.uint8)
+
+
+def low_resolution(img: np.ndarray, rng: np.random.Generator, lo: float = 1.5, hi: float = 2.2) -> np.ndarray:
+    """The image as a scan at a coarser resolution brought to the model's would look: averaged down by a random
+    factor in [lo, hi], then resampled back bilinearly (as the pipeline reads a 20x slide for a 40x model)."""
+    import cv2
+
+    h, w = img.shape[:2]
+    f = float(rng.uniform(lo, hi))
+    small = cv2.resize(img, (max(1, round(w / f)), max(1, round(h / f))), interpolation=cv2.INTER_AREA)
+    return cv2.resize(small, (w, h), interpolation=cv2.INTER_LINEAR)
+
+
+def gaussian_blur(img: np.ndarray, rng: np.random.Generator, max_sigma: float = 1.2) -> np.ndarray:
+    """Out-of-focus scanning: a Gaussian blur of random width up to ``max_sigma`` pixels."""
+    import cv2
+
+    return cv2.GaussianBlur(img, (0, 0), float(rng.uniform(0.3, max_sigma)))
+
+
 def random_crop(s: Sample, size: int, model_mpp: float, rng: np.random.Generator, scale_jitter: float = 0.1,
-                hed: bool = True, min_area: int = 8, glass: float = 0.0) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+                hed: bool = True, min_area: int = 8, glass: float = 0.0, hed_sigma: float = 0.05,
+                hed_bias: float = 0.02, colour: float = 0.0, low_res: float = 0.0, blur: float = 0.0
+                ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """An augmented crop at the model's mpp and its targets (boxes, labels, masks, class_known, mask_known).
 
     With probability ``glass`` the crop reaches past one or two edges of the image by 10-75% of its width,
     and what lies beyond is blank glass: so that the model sees what tiles at the edge of tissue hold.
+    Appearance: HED stain jitter (``hed_sigma``, ``hed_bias``), colour jitter of strength ``colour``, and
+    with probabilities ``low_res`` and ``blur`` a 20x-like resolution or an out-of-focus blur.
     """
     import cv2
 
@@ -46,8 +78,14 @@ def random_crop(s: Sample, size: int, model_mpp: float, rng: np.random.Generator
     if rng.random() < 0.5:
         img, lab = img[:, ::-1], lab[:, ::-1]
     img, lab = np.ascontiguousarray(img), np.ascontiguousarray(lab)
+    if low_res and rng.random() < low_res:
+        img = low_resolution(img, rng)
+    elif blur and rng.random() < blur:
+        img = gaussian_blur(img, rng)
     if hed:
-        img = hed_jitter(img, rng)
+        img = hed_jitter(img, rng, hed_sigma, hed_bias)
+    if colour:
+        img = colour_jitter(img, rng, colour)
     return img, targets_from_labels(lab, s.classes, s.no_mask, min_area)
 
 

@@ -26,6 +26,7 @@ from .atomic import (
     MARKER,
     OutputError,
     atomic_path,
+    output_lock,
     remove_owned,
     staging_path,
     write_text_atomic,
@@ -35,6 +36,7 @@ from .pipeline import SegmentOptions
 SLIDE_SUFFIXES = {".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif", ".dcm",
                   ".png", ".jpg", ".jpeg"}
 MANIFEST = "manifest.json"
+BATCH_LOCK = ".wsiseg-batch.lock"
 
 _PREDICTORS: dict = {}
 
@@ -216,6 +218,13 @@ def run_batch(slides: Sequence[Path], out: str | os.PathLike, model: str, option
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    with output_lock(out, out / BATCH_LOCK):  # one batch run per folder: it alone writes the manifest
+        return _run_batch_locked(slides, out, model, options, workers, scheduler, device, precision, client,
+                                 on_result)
+
+
+def _run_batch_locked(slides, out: Path, model, options, workers, scheduler, device, precision, client,
+                      on_result) -> dict:
     opts = asdict(options or SegmentOptions())
     manifest = load_manifest(out)
     names = output_names(list(slides))

@@ -38,10 +38,12 @@ class NucleusClass:
 class ModelConfig:
     """Architecture of a nucleus Mask R-CNN.
 
-    ``backbone``: resnet50, resnet34, resnet18 (FPN) or mobilenet_v3_large
-    (FPN); ``width`` scales a ResNet's channels down for tiny test models.
-    ``norm``: batchnorm or groupnorm (models train from scratch, so no
-    frozen BatchNorm). Anchors are sized for nuclei at the model's mpp.
+    ``backbone``: resnet50, resnet34, resnet18 (FPN), mobilenet_v3_large
+    (FPN), or efficientnet_lite0/1/2 (timm, FPN; frozen BatchNorm, for
+    ImageNet weights: ``pretrained: imagenet``); ``width`` scales a ResNet's
+    channels down for tiny test models. ``norm``: batchnorm or groupnorm, of
+    a ResNet and of the mask head. Anchors are sized for nuclei at the
+    model's mpp.
     """
 
     backbone: str = "resnet50"
@@ -67,6 +69,7 @@ class ModelConfig:
     rpn_batch_size_per_image: int = 256  # training only: anchors sampled per crop for the RPN loss (half positive)
     score_thresh: float = 0.05
     nms_thresh: float = 0.4
+    pretrained: str = ""  # "imagenet": training starts the backbone from ImageNet weights (see wsiseg.pretrained)
 
 
 @dataclass

@@ -136,6 +136,7 @@ class Predictor(Protocol):
     mask_threshold: float
     device_name: str
     streams: int  # how many batches ``infer`` may run at once in threads (1: one at a time)
+    source: str | None  # the model file it was loaded from, if any (an input of the run)
 
     def infer(self, tiles: np.ndarray) -> list[ModelOutput]:
         """The model's output for a batch of RGB uint8 tiles (n, h, w, 3), as numpy; the writing side
@@ -167,6 +168,7 @@ class MaskRCNNPredictor:
             model.roi_heads.mask_head.to(memory_format=torch.contiguous_format)
         self.model = model
         self.trim_heap = HeapTrimmer()
+        self.source: str | None = None
 
     @property
     def device_name(self) -> str:
@@ -316,6 +318,7 @@ class ThresholdPredictor:
     device_name = "cpu"
     mask_threshold = 0.5
     streams = 1
+    source = None
 
     def __init__(self, card: ModelCard, min_area: int = 12, smooth: float = 1.0, threshold: float = 0.6):
         self.card = card
@@ -380,4 +383,6 @@ def load_predictor(model: str, device: str = "auto", precision: str = "auto",
     from .model import load_model
 
     net, card = load_model(model)
-    return MaskRCNNPredictor(net, card, select_device(device, precision), score_threshold)
+    predictor = MaskRCNNPredictor(net, card, select_device(device, precision), score_threshold)
+    predictor.source = str(model)  # an input of every run: never inside an output that --overwrite replaces
+    return predictor

@@ -65,7 +65,53 @@ def build_backbone(cfg: ModelConfig) -> nn.Module:
             extra_blocks=LastLevelMaxPool(),
             norm_layer=None,
         )
-    raise ValueError(f"unknown backbone {cfg.backbone!r} (resnet50, resnet34, resnet18, mobilenet_v3_large)")
+    if cfg.backbone in TIMM_BACKBONES:
+        return _timm_fpn(cfg)
+    raise ValueError(f"unknown backbone {cfg.backbone!r} (resnet50, resnet34, resnet18, mobilenet_v3_large, "
+                     f"{', '.join(TIMM_BACKBONES)})")
+
+
+# ImageNet backbones built by timm (the architecture only: the trained model file carries every weight);
+# wsiseg.pretrained loads their ImageNet weights at training time
+TIMM_BACKBONES = {
+    "efficientnet_lite0": "tf_efficientnet_lite0",
+    "efficientnet_lite1": "tf_efficientnet_lite1",
+    "efficientnet_lite2": "tf_efficientnet_lite2",
+}
+
+
+class TimmFPN(nn.Module):
+    """A timm feature extractor (strides 4, 8, 16, 32) under torchvision's FPN with a max-pooled fifth level,
+    as ``BackboneWithFPN`` builds for a ResNet: ``out_channels`` maps named "0"-"3" and "pool"."""
+
+    def __init__(self, body: nn.Module, out_channels: int):
+        super().__init__()
+        from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelMaxPool
+
+        self.body = body
+        self.fpn = FeaturePyramidNetwork(list(body.feature_info.channels()), out_channels,
+                                         extra_blocks=LastLevelMaxPool())
+        self.out_channels = out_channels
+
+    def forward(self, x):
+        from collections import OrderedDict
+
+        return self.fpn(OrderedDict((str(i), f) for i, f in enumerate(self.body(x))))
+
+
+def _timm_fpn(cfg: ModelConfig) -> nn.Module:
+    """An ImageNet architecture with frozen BatchNorm: its statistics and affine parameters stay as ImageNet
+    training left them (torchvision's and Detectron2's practice for pretrained detection backbones). Batches
+    of four 256 px crops are too small to estimate BatchNorm statistics, and frozen statistics make each
+    tile's features independent of what else the tile holds (GroupNorm normalises over the whole tile)."""
+    try:
+        import timm
+        from timm.layers import freeze_batch_norm_2d
+    except ImportError as exc:  # timm is a dependency of wsiseg; this is a broken installation
+        raise ImportError(f"backbone {cfg.backbone} needs timm ({exc})") from None
+    body = timm.create_model(TIMM_BACKBONES[cfg.backbone], pretrained=False, features_only=True,
+                             out_indices=(1, 2, 3, 4))
+    return TimmFPN(freeze_batch_norm_2d(body), cfg.fpn_channels)
 
 
 def _narrow_resnet(block, layers, width, norm) -> nn.Module:
@@ -139,7 +185,7 @@ def build_model(cfg: ModelConfig, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224,
     from torchvision.ops import MultiScaleRoIAlign
 
     backbone = build_backbone(cfg)
-    n_maps = 5 if cfg.backbone.startswith("resnet") else 3
+    n_maps = 3 if cfg.backbone == "mobilenet_v3_large" else 5
     sizes = tuple(cfg.anchor_sizes)[:n_maps]
     if len(sizes) < n_maps:
         raise ValueError(f"{cfg.backbone} needs {n_maps} anchor sizes, got {len(sizes)}")

@@ -8,13 +8,14 @@ import os
 import platform
 import shutil
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
 from . import __version__
-from .atomic import OutputError, check_replaceable, make_staging, publish, recover
+from .atomic import OutputError, check_replaceable, make_staging, output_lock, publish, recover
 from .inference import Predictor, infer_batches
 from .sink import WriterSpec, make_sink
 from .slide import open_slide
@@ -65,34 +66,51 @@ def _tissue(slide, how: str) -> TissueMask:
 
 
 def segment_slide(slide_path: str | os.PathLike, predictor: Predictor, out_dir: str | os.PathLike,
-                  options: SegmentOptions | None = None) -> dict:
+                  options: SegmentOptions | None = None, inputs: Sequence[str | os.PathLike] = ()) -> dict:
     """Segment one slide into ``out_dir``; returns the run summary.
 
     Everything is written under a hidden staging folder and published to
     ``out_dir`` only when complete (``wsiseg.atomic``), so a run that stops
     leaves no output that looks finished; an existing ``out_dir`` is replaced
     only with ``overwrite`` and only when wsiseg created it and it holds no
-    input of the run. With ``options.writer == "process"`` (the default) the
+    input of the run: the slide, the region, the predictor's model file
+    (``predictor.source``) and any other file in ``inputs``. One run at a time
+    writes to ``out_dir`` (``wsiseg.atomic.output_lock``). With ``options.writer == "process"`` (the default) the
     writers run in a spawned process, so a calling script needs an
     ``if __name__ == "__main__":`` guard.
     """
     o = options or SegmentOptions()
     out_dir = Path(out_dir)
-    inputs = [Path(slide_path)] + ([Path(o.tissue)] if o.tissue not in ("detect", "whole") else [])
-    recover(out_dir)
-    if (out_dir.exists() or out_dir.is_symlink()) and not o.overwrite:
-        raise OutputExistsError(f"{out_dir}: output folder exists (overwrite=True replaces it)")
-    check_replaceable(out_dir, inputs)
-    tmp_dir = make_staging(out_dir, "segment")
-    try:
-        summary = _run(Path(slide_path), predictor, tmp_dir, o)
-        (tmp_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-        publish(tmp_dir, out_dir, inputs)
-        summary["outputs"] = {k: str(out_dir / Path(v).name) for k, v in summary["outputs"].items()}
-        return summary
-    except BaseException:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-        raise
+    inputs = run_inputs(slide_path, o, predictor, inputs)
+    with output_lock(out_dir):
+        recover(out_dir)
+        if (out_dir.exists() or out_dir.is_symlink()) and not o.overwrite:
+            raise OutputExistsError(f"{out_dir}: output folder exists (overwrite=True replaces it)")
+        check_replaceable(out_dir, inputs)
+        tmp_dir = make_staging(out_dir, "segment")
+        try:
+            summary = _run(Path(slide_path), predictor, tmp_dir, o)
+            (tmp_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+            publish(tmp_dir, out_dir, inputs)
+            summary["outputs"] = {k: str(out_dir / Path(v).name) for k, v in summary["outputs"].items()}
+            return summary
+        except BaseException:
+            shutil.rmtree(tmp_dir, ignore_errors=True)
+            raise
+
+
+def run_inputs(slide_path: str | os.PathLike, o: SegmentOptions, predictor: Predictor | None = None,
+               extra: Sequence[str | os.PathLike] = ()) -> list[Path]:
+    """Every file a run reads, which ``--overwrite`` must never delete: the slide, the region, the model file
+    and ``extra`` (a config, a split file, ...)."""
+    out = [Path(slide_path)]
+    if o.tissue not in ("detect", "whole"):
+        out.append(Path(o.tissue))
+    source = getattr(predictor, "source", None)
+    if source:
+        out.append(Path(source))
+    out += [Path(p) for p in extra if p]
+    return out
 
 
 def _batches(stream, size: int, timer: Timer):

@@ -28,7 +28,7 @@ from .augment import random_crop
 from .card import ModelCard, ModelConfig, default_classes
 from .datasets import Sample, load_dataset
 from .evaluation import evaluate_predictor
-from .model import NucleusRoIHeads, build_model, save_model
+from .model import TIMM_BACKBONES, NucleusRoIHeads, build_model, save_model
 
 if TYPE_CHECKING:
     from .inference import DeviceConfig
@@ -181,6 +181,12 @@ class TrainConfig:
     bf16: bool = True  # mixed precision (bf16 autocast) on the CPU and on CUDA
     device: str = "auto"  # auto (CUDA when present), cpu, cuda, cuda:N: see wsiseg.inference.select_device
     hed_jitter: bool = True
+    hed_sigma: float = 0.05  # HED stain jitter: scale of each stain by 1 ± sigma
+    hed_bias: float = 0.02  # ... and shift by ± bias (optical density)
+    colour_jitter: float = 0.0  # brightness, contrast and saturation jitter strength
+    low_res: float = 0.0  # share of crops made to look like a 20x scan resampled to the model's mpp
+    blur: float = 0.0  # share of crops blurred as out of focus
+    backbone_lr: float = 1.0  # the backbone's learning rate as a fraction of lr (a pretrained one: below 1)
     scale_jitter: float = 0.1
     glass: float = 0.0  # share of crops that reach past the image's edge onto blank glass (tissue edges)
     score_thresholds: list[float] = field(default_factory=list)  # validation tries each; the best (mean PQ) ships
@@ -533,8 +539,14 @@ def _training_card(cfg: TrainConfig, pools: list[Pool], class_names: list[str]) 
                                           "val_images": len(p.val)} for p in pools}
     if cfg.extra_data and not cfg.datasets:
         data_info["extra_images"] = sum(len(p.train) for p in pools if p.name == "extra_data")
+    norm = {}
+    if mcfg.backbone in TIMM_BACKBONES:  # the input normalisation its ImageNet weights were trained with
+        import timm
+
+        pc = timm.get_pretrained_cfg(TIMM_BACKBONES[mcfg.backbone])
+        norm = {"mean": tuple(pc.mean), "std": tuple(pc.std)}
     return ModelCard(name=cfg.name, classes=default_classes(class_names, class_sources(pools, class_names)),
-                     mpp=cfg.mpp, tile_size=cfg.tile_size,
+                     mpp=cfg.mpp, tile_size=cfg.tile_size, **norm,
                      overlap=cfg.overlap, config=mcfg, description=cfg.description,
                      training={**asdict(cfg), **data_info})
 
@@ -553,12 +565,20 @@ def _init_source(cfg: TrainConfig, card: ModelCard) -> str | None:
     return src
 
 
-def _optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW, without weight decay on biases and norm parameters."""
-    decay = [p for p in params if p.ndim > 1]
-    no_decay = [p for p in params if p.ndim <= 1]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+def _optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW, without weight decay on biases and norm parameters; the backbone's body at ``backbone_lr`` times
+    the learning rate (each group's ``lr_scale``)."""
+    named = [(k, p) for k, p in model.named_parameters() if p.requires_grad]
+    groups = []
+    for body in (True, False):
+        scale = cfg.backbone_lr if body else 1.0
+        ps = [(k, p) for k, p in named if k.startswith("backbone.body.") == body]
+        for decay in (True, False):
+            sel = [p for k, p in ps if (p.ndim > 1) == decay]
+            if sel:
+                groups.append({"params": sel, "weight_decay": cfg.weight_decay if decay else 0.0,
+                               "lr_scale": scale})
+    return torch.optim.AdamW(groups, lr=cfg.lr)
 
 
 LOSS_COLUMNS = ["loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg"]
@@ -583,7 +603,8 @@ def _sample_batch(pools: list[Pool], rng: np.random.Generator, cfg: TrainConfig,
         pool = _pick_pool(pools, rng).train
         s = pool[int(rng.integers(len(pool)))]
         img, t = random_crop(s, cfg.crop_size or cfg.tile_size, cfg.mpp, rng, cfg.scale_jitter, cfg.hed_jitter,
-                             glass=cfg.glass)
+                             glass=cfg.glass, hed_sigma=cfg.hed_sigma, hed_bias=cfg.hed_bias,
+                             colour=cfg.colour_jitter, low_res=cfg.low_res, blur=cfg.blur)
         imgs.append((torch.from_numpy(img).permute(2, 0, 1).float() / 255).to(device))
         tgts.append({k: v.to(device) for k, v in _to_torch(t).items()})
     return imgs, tgts
@@ -611,6 +632,12 @@ def train(cfg: TrainConfig, log=print) -> dict:
     torch.manual_seed(cfg.seed)
     model = enable_partial_labels(build_model(card.config, card.mean, card.std))
     ckpt = out / "last.pt"
+    if src is None and card.config.pretrained and not ckpt.exists():
+        from .pretrained import load_imagenet_backbone
+
+        info = load_imagenet_backbone(model, card.config.backbone)
+        card.training["pretrained_backbone"] = info
+        log(f"backbone {card.config.backbone} initialised with ImageNet weights ({info['file']})")
     if src is not None and not ckpt.exists():
         info = init_weights(model, class_names, src)
         card.training["init_weights"] = info
@@ -620,7 +647,7 @@ def train(cfg: TrainConfig, log=print) -> dict:
             + f", {len(info['fresh_tensors'])} class-head tensors new")
     model.to(dev.device)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = _optimizer(params, cfg)
+    opt = _optimizer(model, cfg)
     step, best, seconds_before = 0, {"pq": -1.0}, 0.0
     if ckpt.exists():
         step, seconds_before = load_checkpoint(ckpt, model, opt)
@@ -637,7 +664,7 @@ def train(cfg: TrainConfig, log=print) -> dict:
             model.train()
             imgs, tgts = _sample_batch(pools, rng, cfg, dev.device)
             for g in opt.param_groups:
-                g["lr"] = lr_at(step, cfg)
+                g["lr"] = lr_at(step, cfg) * g.get("lr_scale", 1.0)
             with dev.autocast():
                 losses = model(imgs, tgts)
             loss = sum(losses.values())
