@@ -151,3 +151,47 @@ def test_f1_per_class_follows_hovernet():
     # class b: tp 1 (3), fp 1 (2), fn 0, fp_d 0, fn_d 1 (4) -> 2 / (2 + 2 + 1); pair 1 is not b's sample
     assert m["f1_per_class"]["a"] == pytest.approx(2 / 5) and m["f1_per_class"]["b"] == pytest.approx(2 / 5)
     assert m["classification_accuracy"] == pytest.approx(2 / 3)
+
+
+def _same_partition(a: np.ndarray, b: np.ndarray) -> bool:
+    """Two instance label images describe the same nuclei, whatever their ids."""
+    if a.shape != b.shape or not np.array_equal(a > 0, b > 0):
+        return False
+    pairs = np.unique(np.stack([a[a > 0], b[b > 0]]), axis=1)
+    return pairs.shape[1] == len(np.unique(a[a > 0])) == len(np.unique(b[b > 0]))
+
+
+def test_evaluate_scores_exactly_what_segment_writes_on_an_image_that_needs_resampling(tmp_path, data_dir):
+    """A 20x image (a MoNuSeg crop averaged down 2x) is upsampled for the 0.25 µm/px model: evaluation and
+    ``wsiseg segment`` read it through the same resampling, tiles, stitching and smallest-nucleus rule."""
+    import json
+    import subprocess
+    import sys
+
+    import cv2
+    import zarr
+    from PIL import Image
+
+    from wsiseg.card import default_model_path
+    from wsiseg.evaluation import segment_image
+    from wsiseg.inference import load_predictor
+    from wsiseg.stitching import min_area_px
+
+    from pathlib import Path
+
+    name = json.loads((Path(__file__).parents[1] / "configs" / "default-split.json").read_text())["val"][0]
+    full = np.array(Image.open(data_dir / "monuseg-train" / "images" / f"{name}.png").convert("RGB"))
+    img = cv2.resize(full[:360, :360], (180, 180), interpolation=cv2.INTER_AREA)
+    mpp = 0.2527 * 2
+    Image.fromarray(img).save(tmp_path / "x20.png")
+    proc = subprocess.run([sys.executable, "-m", "wsiseg.cli", "segment", str(tmp_path / "x20.png"), "--mpp",
+                           str(mpp), "--whole-slide", "--out", str(tmp_path / "out"), "--quiet", "--no-stats"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    written = zarr.open_group(str(tmp_path / "out" / "x20.ome.zarr"), mode="r")["labels/nuclei/0"][:][0]  # (c, y, x)
+    pred = load_predictor(default_model_path(), device="cpu")
+    seg = segment_image(img, mpp, pred)
+    assert seg.plan.scale > 1.9 and seg.labels.shape == written.shape
+    assert seg.labels.max() > 10 and _same_partition(seg.labels, written)
+    # the smallest nucleus is measured at the resolution the model sees: 79 px at 0.2527 µm/px (read as is)
+    assert segment_image(full[:64, :64], 0.2527, pred).min_area == min_area_px(5.0, 0.2527) == 79

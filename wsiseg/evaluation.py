@@ -321,30 +321,57 @@ def evaluate_images(gts: list[np.ndarray], preds: list[np.ndarray], gt_classes: 
     return out
 
 
-def evaluate_predictor(pred, val: list, class_names: list[str], min_area_um2: float | None = None) -> dict:
-    """Metrics of any predictor (a model or the threshold baseline) over labelled samples
-    (:class:`wsiseg.datasets.Sample`), tiled as on slides; the smallest nuclei kept are the card's unless
-    given."""
-    import cv2
+@dataclass
+class ImageSegmentation:
+    """What ``wsiseg segment --whole-slide`` finds in an image, at the model's resolution (``plan.model_mpp``)."""
 
-    from .stitching import min_area_px, segment_array
+    labels: np.ndarray  # instance ids, 0 background
+    classes: dict[int, int]  # id -> 0-based class
+    scores: dict[int, float]
+    plan: object  # wsiseg.tiling.ReadPlan: how the image was resampled for the model
+    min_area: int  # the smallest nucleus kept, in model pixels
+
+    def at_image_resolution(self, shape: tuple[int, int]) -> np.ndarray:
+        """The label image on the image's own pixel grid (nearest model pixel)."""
+        import cv2
+
+        if self.labels.shape == tuple(shape):
+            return self.labels
+        return cv2.resize(self.labels, (shape[1], shape[0]), interpolation=cv2.INTER_NEAREST)
+
+
+def segment_image(image: np.ndarray, mpp: float, pred, min_area_um2: float | None = None, name: str = "image",
+                  batch_size: int = 4) -> ImageSegmentation:
+    """Segment an in-memory RGB image of ``mpp`` µm/px exactly as ``wsiseg segment --whole-slide`` segments a
+    slide of it: the same resampling to the model's mpp (pixel-centre exact), the same tiles, stitching and
+    smallest nucleus (``min_area_um2`` at the resolution the model sees), with oversized objects dropped."""
+    from .slide import ArraySlide
+    from .stitching import min_area_px, stitch_tiles
+    from .tiling import plan_slide, stream_tiles
+    from .tissue import full_tissue
 
     card = pred.card
-    min_area = min_area_px(card.min_area_um2 if min_area_um2 is None else min_area_um2, card.mpp)
+    slide = ArraySlide(image, mpp, name)
+    sp = plan_slide(slide, card.mpp, card.tile_size, card.overlap, tissue=full_tissue(slide))
+    min_area = min_area_px(card.min_area_um2 if min_area_um2 is None else min_area_um2, sp.plan.model_mpp)
+    labels, cls, sc = stitch_tiles(sp.grid, pred, stream_tiles(slide, sp.plan, sp.grid, workers=1, prefetch=1),
+                                   batch_size, "drop", min_area)
+    return ImageSegmentation(labels, cls, sc, sp.plan, min_area)
+
+
+def evaluate_predictor(pred, val: list, class_names: list[str], min_area_um2: float | None = None) -> dict:
+    """Metrics of any predictor (a model or the threshold baseline) over labelled samples
+    (:class:`wsiseg.datasets.Sample`), each segmented as ``wsiseg segment`` segments a slide
+    (:func:`segment_image`) and scored on its own pixel grid; the smallest nuclei kept are the card's unless
+    given."""
     gts, preds, gcls, pcls, scores, mpps = [], [], [], [], [], []
     for s in val:
-        img, lab = s.image, s.instances
-        f = s.mpp / card.mpp
-        if abs(f - 1) > 0.02:
-            img = cv2.resize(img, None, fx=f, fy=f, interpolation=cv2.INTER_LINEAR)
-        labels, cls, sc = segment_array(img, pred, card.tile_size, card.overlap, min_area=min_area)
-        if labels.shape != lab.shape:
-            labels = cv2.resize(labels, (lab.shape[1], lab.shape[0]), interpolation=cv2.INTER_NEAREST)
-        gts.append(lab)
-        preds.append(labels)
+        seg = segment_image(s.image, s.mpp, pred, min_area_um2, name=s.name)
+        gts.append(s.instances)
+        preds.append(seg.at_image_resolution(s.instances.shape))
         gcls.append(s.classes)
-        pcls.append(cls)
-        scores.append(sc)
+        pcls.append(seg.classes)
+        scores.append(seg.scores)
         mpps.append(s.mpp)
     multi = len(class_names) > 1
     return evaluate_images(gts, preds, gcls if multi else None, pcls if multi else None,

@@ -463,6 +463,26 @@ class ImageSlide(Slide):
         self._pixels = None
 
 
+class ArraySlide(ImageSlide):
+    """An RGB image held in memory as a one-level slide at ``mpp`` (for evaluation: labelled images are read
+    exactly as a slide of them would be)."""
+
+    backend_name = "array"
+
+    def __init__(self, image: np.ndarray, mpp: float, name: str = "image"):
+        if image.ndim != 3 or image.shape[2] not in (3, 4) or image.dtype != np.uint8:
+            raise SlideError(f"{name}: expected an RGB uint8 image, got {image.dtype} {image.shape}")
+        self._pixels = np.ascontiguousarray(image)
+        super().__init__(name, mpp=mpp)
+
+    @property
+    def handle(self) -> np.ndarray:
+        return self._pixels
+
+    def close(self) -> None:
+        pass
+
+
 def _available_memory() -> int:
     try:
         with open("/proc/meminfo") as f:

@@ -342,7 +342,7 @@ class Stitcher:
 
 def segment_array(image: np.ndarray, predictor, tile_size: int, overlap: int, batch_size: int = 4,
                   on_oversize: str = "drop", min_area: int = 1) -> tuple[np.ndarray, dict[int, int], dict[int, float]]:
-    """Segment an in-memory RGB image at the model's resolution with the same tiling and stitching as slides.
+    """Segment an in-memory RGB image already at the model's resolution with the tiling and stitching of slides.
 
     Returns an instance label image, instance id -> 0-based class, and instance id -> score.
     """
@@ -350,18 +350,39 @@ def segment_array(image: np.ndarray, predictor, tile_size: int, overlap: int, ba
 
     h, w = image.shape[:2]
     grid = make_grid(w, h, tile_size, overlap)
+
+    def tiles():
+        for t in grid.tiles:
+            px = np.full((grid.tile_size, grid.tile_size, 3), 255, np.uint8)
+            sub = image[t.y : t.y + t.size, t.x : t.x + t.size]
+            px[: sub.shape[0], : sub.shape[1]] = sub
+            yield t, px
+
+    return stitch_tiles(grid, predictor, tiles(), batch_size, on_oversize, min_area)
+
+
+def stitch_tiles(grid: TileGrid, predictor, tiles, batch_size: int = 4, on_oversize: str = "drop",
+                 min_area: int = 1) -> tuple[np.ndarray, dict[int, int], dict[int, float]]:
+    """The predictor's detections on ``(tile, pixels)`` of ``grid``, stitched as on slides, painted into an
+    instance label image of the grid's size; with instance id -> 0-based class and id -> score."""
     st = Stitcher(grid, on_oversize=on_oversize, min_area=min_area)
     nuclei: list[Nucleus] = []
-    tiles = list(grid.tiles)
-    for i in range(0, len(tiles), batch_size):
-        batch = tiles[i : i + batch_size]
-        px = np.full((len(batch), grid.tile_size, grid.tile_size, 3), 255, np.uint8)
-        for k, t in enumerate(batch):
-            sub = image[t.y : t.y + t.size, t.x : t.x + t.size]
-            px[k, : sub.shape[0], : sub.shape[1]] = sub
-        for t, det in zip(batch, predictor.predict(px)):
+    batch: list = []
+
+    def run(batch):
+        px = np.stack([p for _, p in batch])
+        for (t, _), det in zip(batch, predictor.predict(px)):
             nuclei.extend(n for _, ns in st.add(t, det) for n in ns)
+
+    for item in tiles:
+        batch.append(item)
+        if len(batch) == batch_size:
+            run(batch)
+            batch = []
+    if batch:
+        run(batch)
     nuclei.extend(n for _, ns in st.close() for n in ns)
+    h, w = grid.height, grid.width
     labels = np.zeros((h, w), np.int32)
     for n in nuclei:  # disjoint masks: the order does not matter
         x0, y0, x1, y1 = n.box
