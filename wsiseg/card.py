@@ -70,6 +70,7 @@ class ModelConfig:
     score_thresh: float = 0.05
     nms_thresh: float = 0.4
     pretrained: str = ""  # "imagenet": training starts the backbone from ImageNet weights (see wsiseg.pretrained)
+    class_temperature: float = 1.0  # class logits are divided by it before the softmax (calibration; 1: none)
 
 
 @dataclass
@@ -86,6 +87,9 @@ class ModelCard:
     config: ModelConfig = field(default_factory=ModelConfig)
     score_threshold: float = 0.5
     min_area_um2: float = 5.0  # smaller objects are specks, not nuclei, and are dropped
+    # a nucleus whose most likely class has a (calibrated) probability below this is "class uncertain": QuPath
+    # gets it without a classification, the table flags it; 0: every nucleus keeps its most likely class
+    class_min_probability: float = 0.0
     description: str = ""
     training: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
@@ -121,6 +125,8 @@ class ModelCard:
         number("mpp", self.mpp, 0.01, 20)
         number("score_threshold", self.score_threshold, 0, 1)
         number("min_area_um2", self.min_area_um2, 0, 1000)
+        number("class_min_probability", self.class_min_probability, 0, 1)
+        number("config.class_temperature", self.config.class_temperature, 0.01, 100)
         if not isinstance(self.tile_size, int) or not 32 <= self.tile_size <= 8192:
             raise ValueError(f"tile_size must be a whole number of pixels in [32, 8192], got {self.tile_size!r}")
         if not isinstance(self.overlap, int) or not 0 <= self.overlap < self.tile_size:

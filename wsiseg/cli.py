@@ -250,6 +250,24 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from .calibration import calibrate_model
+    from .training import TrainConfig, training_pools
+
+    model = _model(args.model)
+    if Path(args.out).resolve() == Path(model).resolve():
+        raise ValueError(f"{args.out}: is the model being calibrated; write the calibrated model to a new file")
+    cfg = TrainConfig.from_yaml(args.config)
+    pools, _ = training_pools(cfg)
+    samples = [s for p in pools for s in p.val if s.classes]
+    if not samples:
+        raise ValueError(f"{args.config}: no validation images with class labels to calibrate on")
+    cal = calibrate_model(model, samples, args.out, args.min_probability, device=args.device)
+    print(json.dumps(cal.as_dict(), indent=2))
+    print(f"calibrated model: {args.out}")
+    return 0
+
+
 def _finite(obj):
     """``obj`` with every non-finite float replaced by None, so that it is valid JSON."""
     if isinstance(obj, float):
@@ -363,6 +381,18 @@ def _add_evaluate(sub) -> None:
     p.set_defaults(func=cmd_evaluate)
 
 
+def _add_calibrate(sub) -> None:
+    p = sub.add_parser("calibrate", help="fit a model's class temperature on the validation images of a training "
+                                         "config (expected calibration error before and after)")
+    p.add_argument("--model", default=None, help="model file (default: the bundled model)")
+    p.add_argument("--config", required=True, help="training config whose validation images (with classes) are used")
+    p.add_argument("--out", required=True, help="the calibrated model file to write")
+    p.add_argument("--min-probability", type=PROB, default=None,
+                   help="report a nucleus's class as uncertain below this probability (written to the card)")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
+    p.set_defaults(func=cmd_calibrate)
+
+
 def _add_stats(sub) -> None:
     p = sub.add_parser("stats", help="slide statistics and report of a segment output folder")
     p.add_argument("outdir", help="folder written by wsiseg segment")
@@ -374,7 +404,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="wsiseg", description="Nucleus segmentation for H&E whole-slide images")
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_info, _add_segment, _add_batch, _add_train, _add_evaluate, _add_stats):
+    for add in (_add_info, _add_segment, _add_batch, _add_train, _add_evaluate, _add_calibrate, _add_stats):
         add(sub)
     return parser
 

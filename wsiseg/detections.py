@@ -23,6 +23,7 @@ class TileDetections:
     scores: np.ndarray  # (n,) float32
     labels: np.ndarray  # (n,) int32
     masks: list[np.ndarray]
+    class_probs: np.ndarray | None = None  # (n, classes) float32: P(class | nucleus); None: certain (one class)
 
     def __len__(self) -> int:
         return len(self.scores)
@@ -31,13 +32,17 @@ class TileDetections:
     def empty(cls) -> TileDetections:
         return cls(np.zeros((0, 4), np.int32), np.zeros(0, np.float32), np.zeros(0, np.int32), [])
 
+    def probs_of(self, i: int) -> np.ndarray | None:
+        return None if self.class_probs is None else self.class_probs[i]
+
     def finish(self, size: tuple[int, int], score_threshold: float, mask_threshold: float = 0.5) -> TileDetections:
         """The detections scoring at least ``score_threshold`` (these are already pasted and resolved)."""
         keep = self.scores >= score_threshold
         if keep.all():
             return self
         return TileDetections(self.boxes[keep], self.scores[keep], self.labels[keep],
-                              [m for m, k in zip(self.masks, keep) if k])
+                              [m for m, k in zip(self.masks, keep) if k],
+                              None if self.class_probs is None else self.class_probs[keep])
 
 
 @dataclass
@@ -49,6 +54,7 @@ class RawDetections:
     scores: np.ndarray  # (n,) float32
     labels: np.ndarray  # (n,) int32
     mask_probs: np.ndarray  # (n, M, M) float32
+    class_probs: np.ndarray | None = None  # (n, classes) float32: P(class | nucleus), calibrated
 
     def __len__(self) -> int:
         return len(self.scores)
@@ -57,8 +63,9 @@ class RawDetections:
         """Thresholded, pasted into their boxes (clipped to a tile of ``size``), overlaps resolved."""
         keep = self.scores >= score_threshold
         ib, masks = paste_masks(self.mask_probs[keep], self.boxes[keep], size, mask_threshold)
+        probs = None if self.class_probs is None else self.class_probs[keep].astype(np.float32)
         return resolve_overlaps(TileDetections(ib, self.scores[keep].astype(np.float32),
-                                               self.labels[keep].astype(np.int32), masks))
+                                               self.labels[keep].astype(np.int32), masks, probs))
 
 
 ModelOutput = TileDetections | RawDetections
@@ -138,4 +145,5 @@ def resolve_overlaps(det: TileDetections, min_area: int = 4) -> TileDetections:
         return TileDetections.empty()
     keep = np.asarray(keep)
     return TileDetections(np.asarray(boxes, np.int32), det.scores[keep].astype(np.float32),
-                          det.labels[keep].astype(np.int32), masks)
+                          det.labels[keep].astype(np.int32), masks,
+                          None if det.class_probs is None else det.class_probs[keep])

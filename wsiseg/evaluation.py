@@ -328,6 +328,7 @@ class ImageSegmentation:
     labels: np.ndarray  # instance ids, 0 background
     classes: dict[int, int]  # id -> 0-based class
     scores: dict[int, float]
+    probs: dict[int, np.ndarray]  # id -> P(class | nucleus), where the model gives them
     plan: object  # wsiseg.tiling.ReadPlan: how the image was resampled for the model
     min_area: int  # the smallest nucleus kept, in model pixels
 
@@ -354,9 +355,9 @@ def segment_image(image: np.ndarray, mpp: float, pred, min_area_um2: float | Non
     slide = ArraySlide(image, mpp, name)
     sp = plan_slide(slide, card.mpp, card.tile_size, card.overlap, tissue=full_tissue(slide))
     min_area = min_area_px(card.min_area_um2 if min_area_um2 is None else min_area_um2, sp.plan.model_mpp)
-    labels, cls, sc = stitch_tiles(sp.grid, pred, stream_tiles(slide, sp.plan, sp.grid, workers=1, prefetch=1),
-                                   batch_size, "drop", min_area)
-    return ImageSegmentation(labels, cls, sc, sp.plan, min_area)
+    labels, cls, sc, probs = stitch_tiles(sp.grid, pred, stream_tiles(slide, sp.plan, sp.grid, workers=1,
+                                                                      prefetch=1), batch_size, "drop", min_area)
+    return ImageSegmentation(labels, cls, sc, probs, sp.plan, min_area)
 
 
 def evaluate_predictor(pred, val: list, class_names: list[str], min_area_um2: float | None = None) -> dict:

@@ -202,7 +202,7 @@ class MaskRCNNPredictor:
             sy, sx = tiles.shape[1] / ih, tiles.shape[2] / iw
             boxes = d["boxes"].float() * torch.tensor([sx, sy, sx, sy], device=d["boxes"].device)
             out.append({"boxes": boxes, "scores": d["scores"].float(), "labels": d["labels"],
-                        "masks": d["masks"].float()})
+                        "masks": d["masks"].float(), "class_probs": d["class_probs"].float()})
         self.trim_heap()
         return out
 
@@ -290,20 +290,23 @@ def infer_batches(predictor: Predictor, batches: Iterable[tuple[T, np.ndarray]]
 def raw_detections(raw: list[dict[str, torch.Tensor]]) -> list[RawDetections]:
     """torchvision's per-tile output dicts as numpy detections on the CPU (labels 0-based).
 
-    A batch leaves the device in two copies (boxes, scores and labels packed in one; mask probabilities
-    in the other), not four per tile.
+    A batch leaves the device in two copies (boxes, scores, labels and class probabilities packed in one;
+    mask probabilities in the other), not several per tile.
     """
     if not raw:
         return []
     counts = [len(d["scores"]) for d in raw]
-    packed = torch.cat([torch.cat([d["boxes"].float(), d["scores"].float()[:, None], d["labels"].float()[:, None]], 1)
+    with_probs = all("class_probs" in d for d in raw)
+    packed = torch.cat([torch.cat([d["boxes"].float(), d["scores"].float()[:, None], d["labels"].float()[:, None],
+                                   *([d["class_probs"].float()] if with_probs else [])], 1)
                         for d in raw]).cpu().numpy()
     masks = torch.cat([d["masks"][:, 0].float() for d in raw]).cpu().numpy()
     out, at = [], 0
     for n in counts:
         rows = packed[at : at + n]
+        probs = np.ascontiguousarray(rows[:, 6:]) if with_probs else None
         out.append(RawDetections(np.ascontiguousarray(rows[:, :4]), np.ascontiguousarray(rows[:, 4]),
-                                 rows[:, 5].astype(np.int32) - 1, masks[at : at + n]))
+                                 rows[:, 5].astype(np.int32) - 1, masks[at : at + n], probs))
         at += n
     return out
 

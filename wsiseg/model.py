@@ -131,6 +131,8 @@ def _narrow_resnet(block, layers, width, norm) -> nn.Module:
 def nucleus_detections(roi_heads, class_logits, box_regression, proposals, image_shapes):
     """One detection per proposal: scored by how likely it is a nucleus of any class (1 - P(background)),
     labelled with its most likely class, boxed by that class's regression; then class-agnostic NMS.
+    Returns boxes, scores, labels and each detection's class probabilities given that it is a nucleus,
+    P(class | nucleus), calibrated by the temperature ``roi_heads.class_temperature`` (1: as trained).
 
     Nuclei do not overlap, so a proposal is never two nuclei; splitting its probability between classes
     (torchvision's per-class scoring) would drop nuclei whose class is uncertain. With one class this is
@@ -142,30 +144,51 @@ def nucleus_detections(roi_heads, class_logits, box_regression, proposals, image
 
     per_image = [b.shape[0] for b in proposals]
     pred_boxes = roi_heads.box_coder.decode(box_regression, proposals)
-    probs = F.softmax(class_logits.float(), -1)
+    logits = class_logits.float()
+    probs = F.softmax(logits, -1)
     scores = 1.0 - probs[:, 0]
     labels = 1 + probs[:, 1:].argmax(dim=1)
+    class_probs = F.softmax(logits[:, 1:] / float(getattr(roi_heads, "class_temperature", 1.0)), -1)
     boxes = pred_boxes[torch.arange(len(labels), device=labels.device), labels]
-    out_boxes, out_scores, out_labels = [], [], []
-    for b, s, lab, shape in zip(boxes.split(per_image), scores.split(per_image), labels.split(per_image),
-                                image_shapes):
+    out_boxes, out_scores, out_labels, out_probs = [], [], [], []
+    for b, s, lab, cp, shape in zip(boxes.split(per_image), scores.split(per_image), labels.split(per_image),
+                                    class_probs.split(per_image), image_shapes):
         b = box_ops.clip_boxes_to_image(b, shape)
         keep = torch.where(s > roi_heads.score_thresh)[0]
-        b, s, lab = b[keep], s[keep], lab[keep]
+        b, s, lab, cp = b[keep], s[keep], lab[keep], cp[keep]
         keep = box_ops.remove_small_boxes(b, min_size=1e-2)
-        b, s, lab = b[keep], s[keep], lab[keep]
+        b, s, lab, cp = b[keep], s[keep], lab[keep], cp[keep]
         keep = box_ops.nms(b, s, roi_heads.nms_thresh)[: roi_heads.detections_per_img]
         out_boxes.append(b[keep])
         out_scores.append(s[keep])
         out_labels.append(lab[keep])
-    return out_boxes, out_scores, out_labels
+        out_probs.append(cp[keep])
+    return out_boxes, out_scores, out_labels, out_probs
 
 
 class NucleusRoIHeads(RoIHeads):
-    """torchvision's ROI heads with :func:`nucleus_detections` as their post-processing."""
+    """torchvision's ROI heads with :func:`nucleus_detections` as their post-processing; at inference each
+    result also holds ``class_probs`` (n, classes): P(class | nucleus), calibrated."""
+
+    class_temperature = 1.0
 
     def postprocess_detections(self, class_logits, box_regression, proposals, image_shapes):
-        return nucleus_detections(self, class_logits, box_regression, proposals, image_shapes)
+        boxes, scores, labels, probs = nucleus_detections(self, class_logits, box_regression, proposals,
+                                                          image_shapes)
+        _STASH.class_probs = probs  # torchvision's forward keeps three outputs; forward below adds the fourth
+        return boxes, scores, labels
+
+    def forward(self, features, proposals, image_shapes, targets=None):
+        result, losses = super().forward(features, proposals, image_shapes, targets)
+        if not self.training:
+            probs = getattr(_STASH, "class_probs", None)
+            _STASH.class_probs = None
+            for r, p in zip(result, probs or []):
+                r["class_probs"] = p
+        return result, losses
+
+
+_STASH = __import__("threading").local()  # per thread: inference runs batches in several threads at once
 
 
 class TileTransform(GeneralizedRCNNTransform):
@@ -221,6 +244,7 @@ def build_model(cfg: ModelConfig, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224,
     )
     model.transform.__class__ = TileTransform
     model.roi_heads.__class__ = NucleusRoIHeads
+    model.roi_heads.class_temperature = float(cfg.class_temperature)
     return model
 
 

@@ -67,11 +67,27 @@ def mask_polygon(mask: np.ndarray, x0: int, y0: int, scale: float) -> list[list[
     return coords
 
 
+def prob_column(class_name: str) -> str:
+    """The table column of a class's probability: ``prob_`` and the name in snake case."""
+    import re
+
+    return "prob_" + (re.sub(r"\W+", "_", class_name.strip().lower()).strip("_") or "class")
+
+
+def class_columns(card: ModelCard) -> list[str]:
+    """The class-probability columns of a model with several classes (none for one class)."""
+    if len(card.classes) < 2:
+        return []
+    return [prob_column(c.name) for c in card.classes] + ["class_probability", "class_uncertain"]
+
+
 def nucleus_record(n: Nucleus, plan: ReadPlan, slide_name: str, card: ModelCard) -> dict:
     """The table row of a nucleus: ids, centroid in level-0 px and µm, area, class, score and features.
 
     The colour features come from the nucleus's own pixels (``n.rgb``, the tile's pixels over its box);
-    without them they are NaN.
+    without them they are NaN. A model with several classes adds each class's probability given that the
+    object is a nucleus (``prob_<class>``, calibrated), the most likely class's (``class_probability``) and
+    ``class_uncertain``: that probability is below the card's ``class_min_probability``.
     """
     from .features import nucleus_features
 
@@ -96,7 +112,23 @@ def nucleus_record(n: Nucleus, plan: ReadPlan, slide_name: str, card: ModelCard)
         "bbox_x1_px": round(n.box[2] * f, 2),
         "bbox_y1_px": round(n.box[3] * f, 2),
         **{k: round(v, 4) for k, v in feats.items()},
+        **_class_probabilities(n, card),
     }
+
+
+def _class_probabilities(n: Nucleus, card: ModelCard) -> dict:
+    if len(card.classes) < 2:
+        return {}
+    if n.probs is None or len(n.probs) != len(card.classes):  # a model that gives no probabilities: certain
+        probs = np.zeros(len(card.classes), np.float32)
+        probs[n.label] = 1.0
+    else:
+        probs = n.probs
+    out = {prob_column(c.name): round(float(p), 4) for c, p in zip(card.classes, probs)}
+    top = float(probs[n.label])
+    out["class_probability"] = round(top, 4)
+    out["class_uncertain"] = bool(top < card.class_min_probability)
+    return out
 
 
 # ---------------------------------------------------------------------- GeoJSON
@@ -108,19 +140,19 @@ def geojson_feature(n: Nucleus, record: dict, plan: ReadPlan, card: ModelCard) -
     cls = card.classes[n.label] if 0 <= n.label < len(card.classes) else None
     measurements = {"nucleus_id": n.id}
     measurements.update({k: record[k] for k in MEASUREMENT_COLUMNS if k in record})
-    measurements = {k: v for k, v in measurements.items() if isinstance(v, (int, float)) and math.isfinite(v)}
+    measurements.update({k: record[k] for k in class_columns(card) if k != "class_uncertain" and k in record})
+    measurements = {k: v for k, v in measurements.items()
+                    if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+    properties: dict = {"objectType": "detection"}
+    if not record.get("class_uncertain", False):  # QuPath shows an object without one as unclassified
+        properties["classification"] = {"name": cls.name if cls else "unknown",
+                                        "color": list(cls.color) if cls else [128, 128, 128]}
+    properties["measurements"] = measurements
     feature = {
         "type": "Feature",
         "id": record["uuid"],
         "geometry": {"type": "Polygon", "coordinates": [coords]},
-        "properties": {
-            "objectType": "detection",
-            "classification": {
-                "name": cls.name if cls else "unknown",
-                "color": list(cls.color) if cls else [128, 128, 128],
-            },
-            "measurements": measurements,
-        },
+        "properties": properties,
     }
     return json.dumps(feature, separators=(",", ":"))
 
@@ -184,26 +216,27 @@ class TableWriter:
     many nuclei a slide has.
     """
 
-    def __init__(self, path: str | os.PathLike, batch: int = 50_000):
+    def __init__(self, path: str | os.PathLike, batch: int = 50_000, class_cols: list[str] | tuple = ()):
         self.path = Path(path)
         self.tmp = temporary_name(self.path)
         self.batch = batch
         self.count = 0
         self.kind = "csv" if self.path.suffix == ".csv" else "parquet"
+        self.class_cols = list(class_cols)
         self._writer = None
         if self.kind == "csv":
             self._fh = open(self.tmp, "w", newline="", encoding="utf-8")
-            self._csv = csv.DictWriter(self._fh, fieldnames=TABLE_COLUMNS, extrasaction="ignore")
+            self._csv = csv.DictWriter(self._fh, fieldnames=TABLE_COLUMNS + self.class_cols, extrasaction="ignore")
             self._csv.writeheader()
         else:
-            self.schema = self._schema()
+            self.schema = self._schema(self.class_cols)
             self._numeric = {f.name: np.empty(batch, f.type.to_pandas_dtype()) for f in self.schema
                              if f.type.to_pandas_dtype() is not np.object_}
             self._text = {f.name: [] for f in self.schema if f.name not in self._numeric}
             self._n = 0
 
     @staticmethod
-    def _schema():
+    def _schema(class_cols: list[str] = ()):
         import pyarrow as pa
 
         return pa.schema([
@@ -214,6 +247,7 @@ class TableWriter:
             ("score", pa.float32()), ("bbox_x0_px", pa.float64()), ("bbox_y0_px", pa.float64()),
             ("bbox_x1_px", pa.float64()), ("bbox_y1_px", pa.float64()),
             *[(c, pa.float32()) for c in FEATURE_COLUMNS],
+            *[(c, pa.bool_() if c == "class_uncertain" else pa.float32()) for c in class_cols],
         ])
 
     def write(self, record: dict) -> None:
@@ -223,7 +257,7 @@ class TableWriter:
             return
         i = self._n
         for k, col in self._numeric.items():
-            col[i] = record.get(k, math.nan)
+            col[i] = record.get(k, False if col.dtype == bool else math.nan)
         for k, col in self._text.items():
             col.append(record.get(k))
         self._n = i + 1

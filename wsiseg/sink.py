@@ -31,6 +31,7 @@ from .outputs import (
     GeoJSONWriter,
     TableWriter,
     ZarrWriter,
+    class_columns,
     geojson_feature,
     nucleus_record,
 )
@@ -113,7 +114,7 @@ class SlideWriter:
             if spec.geojson != "none":
                 self.gj = GeoJSONWriter(spec.tmp_dir / f"{spec.stem}.{spec.geojson}", spec.plan, spec.card)
                 self.writers.append(self.gj)
-            self.tw = TableWriter(spec.tmp_dir / f"{spec.stem}.nuclei.{spec.table}")
+            self.tw = TableWriter(spec.tmp_dir / f"{spec.stem}.nuclei.{spec.table}", class_cols=class_columns(spec.card))
             self.writers.append(self.tw)
         except BaseException:
             self.abort()

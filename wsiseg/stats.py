@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from .features import FEATURE_COLUMNS
+from .outputs import prob_column
 
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 BINS = 4096
@@ -96,6 +97,9 @@ class SlideStats:
 
     def __post_init__(self) -> None:
         self.counts = np.zeros(len(self.class_names) + 1, np.int64)  # index 0: unknown class
+        self.expected = np.zeros(len(self.class_names), np.float64)  # sums of P(class | nucleus)
+        self.uncertain = np.zeros(len(self.class_names) + 1, np.int64)  # nuclei whose class is uncertain
+        self.with_probs = False
         self.acc = {c: {f: FeatureAccumulator(*RANGES[f]) for f in STAT_FEATURES} for c in ["all", *self.class_names]}
         self.rows = 0
         if self.extent_um:
@@ -110,6 +114,13 @@ class SlideStats:
         cls = np.where((cls >= 1) & (cls <= len(self.class_names)), cls, 0)
         self.rows += len(cls)
         self.counts += np.bincount(cls, minlength=len(self.counts))
+        probs = [_numeric(batch.get(prob_column(n))) for n in self.class_names]
+        if len(self.class_names) > 1 and all(p is not None for p in probs):
+            self.with_probs = True
+            self.expected += [float(np.nansum(p)) for p in probs]
+            unc = _numeric(batch.get("class_uncertain"))
+            if unc is not None:
+                self.uncertain += np.bincount(cls[unc.astype(bool)], minlength=len(self.uncertain))
         for f in STAT_FEATURES:
             if f not in batch:
                 continue
@@ -151,6 +162,12 @@ class SlideStats:
                 "fraction": n / total if total else 0.0,
                 "density_per_mm2": n / self.tissue_area_mm2 if self.tissue_area_mm2 else None,
             }
+            if self.with_probs:  # the class's expected count: each nucleus adds its probability of the class
+                e = float(self.expected[i - 1])
+                per_class[name].update({
+                    "probability_weighted_count": round(e, 2),
+                    "probability_weighted_fraction": e / total if total else 0.0,
+                    "class_uncertain": int(self.uncertain[i])})
         return {
             "nuclei": total,
             "unknown_class": int(self.counts[0]),
@@ -160,6 +177,18 @@ class SlideStats:
             "classes": per_class,
             "features": {c: {f: a.summary() for f, a in feats.items()} for c, feats in self.acc.items()},
         }
+
+
+def _numeric(a) -> np.ndarray | None:
+    """A table column as numbers, or None when the table has no such column (a CSV gives nulls)."""
+    if a is None:
+        return None
+    a = np.asarray(a)
+    if a.dtype == object:
+        if all(v is None for v in a[:1]):
+            return None
+        a = a.astype(np.float64)
+    return a
 
 
 def iter_table(path: str | os.PathLike, columns: Sequence[str], batch_rows: int = 262_144) -> Iterator[dict]:
@@ -213,7 +242,8 @@ def compute_stats(table: str | os.PathLike, class_names: list[str], tissue_area_
     if tissue_mask is not None and st.density is not None and mask_px_um:
         st.cell_tissue_um2 = cell_tissue_area(tissue_mask, mask_px_um, cell_um, st.density.shape[1:],
                                               tissue_area_mm2 * 1e6 if tissue_area_mm2 else None)
-    cols = ["class_id", "centroid_x_um", "centroid_y_um", *STAT_FEATURES]
+    cols = ["class_id", "centroid_x_um", "centroid_y_um", *STAT_FEATURES,
+            *[prob_column(n) for n in class_names], "class_uncertain"]
     for batch in iter_table(table, cols, batch_rows):
         st.add(batch)
     return st
@@ -231,6 +261,9 @@ def summary_rows(summary: dict) -> list[dict]:
             c = summary["classes"][name]
             row = {"class": name, "count": c["count"], "fraction": c["fraction"],
                    "density_per_mm2": c["density_per_mm2"]}
+            for k in ("probability_weighted_count", "probability_weighted_fraction", "class_uncertain"):
+                if k in c:
+                    row[k] = c[k]
         row["tissue_area_mm2"] = summary["tissue_area_mm2"]
         for f, s in summary["features"][name].items():
             for k, v in s.items():
@@ -419,7 +452,7 @@ def _write_artifacts(out_dir: Path, run: dict, st: SlideStats, summary: dict, co
     (tmp / "summary.json").write_text(json.dumps(summary, indent=2))
     rows = summary_rows(summary)
     with open(tmp / "summary.csv", "w", newline="") as f:
-        wr = csv.DictWriter(f, fieldnames=list(rows[0]))
+        wr = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
         wr.writeheader()
         wr.writerows(rows)
     images = _plots(st, colors)
@@ -473,6 +506,8 @@ def _report_html(run: dict, summary: dict, rows: list[dict], images: dict[str, b
 
     cols = ["class", "count", "fraction", "density_per_mm2", "area_um2_q50", "area_um2_q05", "area_um2_q95",
             "circularity_q50", "eccentricity_q50", "hematoxylin_od_q50", "eosin_od_q50"]
+    if any("probability_weighted_count" in r for r in rows):  # beside the most-likely-class counts
+        cols[2:2] = ["probability_weighted_count", "class_uncertain"]
     head = "".join(f"<th>{escape(c)}</th>" for c in cols)
     body = ""
     for r in rows:

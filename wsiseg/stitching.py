@@ -87,6 +87,7 @@ class Nucleus:
     tile: int
     rgb: np.ndarray | None = field(default=None, repr=False)  # the tile's pixels over ``box``
     key: tuple = field(default=(), repr=False)
+    probs: np.ndarray | None = field(default=None, repr=False)  # P(class | nucleus); None: one class
 
     @property
     def area(self) -> int:
@@ -221,7 +222,7 @@ class Stitcher:
                 rgb = pixels[by0:by1, bx0:bx1].copy()
             out.append(Nucleus(0, (gx0, gy0, tile.x + bx1, tile.y + by1), m, int(det.labels[i]),
                                float(det.scores[i]), (cx, cy), tile.index, rgb,
-                               (own, depth, float(det.scores[i]), -tile.index, -i)))
+                               (own, depth, float(det.scores[i]), -tile.index, -i), det.probs_of(i)))
         return out, cut_own
 
     def _oversize(self, c: Nucleus) -> None:
@@ -304,7 +305,7 @@ class Stitcher:
                 rgb = d.rgb[y0:y1, x0:x1] if d.rgb is not None else None
                 d = Nucleus(0, (bx + int(x0), by + int(y0), bx + int(x1), by + int(y1)), mask[y0:y1, x0:x1],
                             d.label, d.score, mask_centroid(mask[y0:y1, x0:x1], bx + x0, by + y0), d.tile, rgb,
-                            d.key)
+                            d.key, d.probs)
             out.append(d)
         for n in out:
             n.id = self.next_id
@@ -358,13 +359,14 @@ def segment_array(image: np.ndarray, predictor, tile_size: int, overlap: int, ba
             px[: sub.shape[0], : sub.shape[1]] = sub
             yield t, px
 
-    return stitch_tiles(grid, predictor, tiles(), batch_size, on_oversize, min_area)
+    return stitch_tiles(grid, predictor, tiles(), batch_size, on_oversize, min_area)[:3]
 
 
 def stitch_tiles(grid: TileGrid, predictor, tiles, batch_size: int = 4, on_oversize: str = "drop",
-                 min_area: int = 1) -> tuple[np.ndarray, dict[int, int], dict[int, float]]:
+                 min_area: int = 1) -> tuple[np.ndarray, dict[int, int], dict[int, float], dict[int, np.ndarray]]:
     """The predictor's detections on ``(tile, pixels)`` of ``grid``, stitched as on slides, painted into an
-    instance label image of the grid's size; with instance id -> 0-based class and id -> score."""
+    instance label image of the grid's size; with instance id -> 0-based class, id -> score and id -> class
+    probabilities (where the model gives them)."""
     st = Stitcher(grid, on_oversize=on_oversize, min_area=min_area)
     nuclei: list[Nucleus] = []
     batch: list = []
@@ -388,4 +390,5 @@ def stitch_tiles(grid: TileGrid, predictor, tiles, batch_size: int = 4, on_overs
         x0, y0, x1, y1 = n.box
         view = labels[y0:min(y1, h), x0:min(x1, w)]
         view[n.mask[: view.shape[0], : view.shape[1]]] = n.id
-    return labels, {n.id: n.label for n in nuclei}, {n.id: n.score for n in nuclei}
+    return labels, {n.id: n.label for n in nuclei}, {n.id: n.score for n in nuclei}, {
+        n.id: n.probs for n in nuclei if n.probs is not None}
