@@ -146,9 +146,19 @@ def test_bad_mpp_override(slides_dir):
 def test_slide_is_picklable(slides_dir):
     import pickle
 
-    s = open_slide(slides_dir / "CMU-1-Small-Region.svs", mpp=0.5)
+    s = open_slide(slides_dir / "CMU-1-Small-Region.svs", mpp=0.5, force_mpp=True)
     s2 = pickle.loads(pickle.dumps(s))
-    assert s2.mpp == 0.5 and s2.dimensions == s.dimensions
+    assert s2.mpp == 0.5 and s2.mpp_source == "forced" and s2.dimensions == s.dimensions
+
+
+def test_a_recorded_mpp_wins_unless_forced(slides_dir):
+    path = slides_dir / "CMU-1-Small-Region.svs"  # records 0.499 µm/px
+    s = open_slide(path, mpp=0.2527)
+    assert s.mpp == pytest.approx(0.499) and s.mpp_source == "file"
+    assert "records 0.499" in s.mpp_note and "--force-mpp" in s.mpp_note
+    f = open_slide(path, mpp=0.2527, force_mpp=True)
+    assert f.mpp == 0.2527 and f.mpp_source == "forced" and "forced" in f.mpp_note
+    assert open_slide(path).mpp_note is None and open_slide(path, mpp=0.5).mpp_note is None  # within 2%
 
 
 def _damage_tile(path, index):

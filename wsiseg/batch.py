@@ -17,6 +17,7 @@ import glob
 import hashlib
 import json
 import os
+import re
 import time
 from collections.abc import Sequence
 from dataclasses import asdict
@@ -41,8 +42,10 @@ BATCH_LOCK = ".wsiseg-batch.lock"
 _PREDICTORS: dict = {}
 
 
-def collect_slides(inputs: Sequence[str]) -> list[Path]:
-    """Slides named by files, folders (their slide files), glob patterns or list files (one path a line)."""
+def collect_slides(inputs: Sequence[str], exclude: Sequence[str | os.PathLike] = ()) -> list[Path]:
+    """Slides named by files, folders (their slide files), glob patterns (``**`` recursive) or list files (one
+    path a line). Recursive patterns never enter wsiseg's own output folders (``exclude``, and any folder
+    holding wsiseg's marker) or hidden folders, and visit each real folder once, so links that loop end."""
     found: list[Path] = []
     for item in inputs:
         p = Path(item)
@@ -58,10 +61,10 @@ def collect_slides(inputs: Sequence[str]) -> list[Path]:
         elif p.is_file():
             found.append(p)
         else:
-            matches = sorted(glob.glob(item, recursive=True))
+            matches = _glob(item, exclude)
             if not matches:
                 raise FileNotFoundError(f"{item}: no such file, folder or matching slides")
-            found += [Path(m) for m in matches if Path(m).is_file()]
+            found += matches
     unique, seen = [], set()
     for f in found:
         key = os.path.abspath(f)
@@ -69,6 +72,48 @@ def collect_slides(inputs: Sequence[str]) -> list[Path]:
             seen.add(key)
             unique.append(f)
     return unique
+
+
+def _glob_regex(parts: Sequence[str]) -> re.Pattern:
+    """A regex for a relative path matching the glob components ``parts`` (``**``: any number of folders)."""
+    import fnmatch
+
+    rx = ""
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        if part == "**":
+            rx += ".*" if last else "(?:[^/]+/)*"
+        else:
+            rx += fnmatch.translate(part)[4:-3].replace(".*", "[^/]*") + ("" if last else "/")
+    return re.compile(rx + r"\Z", re.S)
+
+
+def _glob(pattern: str, exclude: Sequence[str | os.PathLike] = ()) -> list[Path]:
+    """Files matching ``pattern``; ``**`` walks folders without following a link back to a folder seen."""
+    if "**" not in pattern:
+        return [Path(m) for m in sorted(glob.glob(pattern)) if Path(m).is_file()]
+    parts = Path(pattern).parts
+    k = next(i for i, part in enumerate(parts) if glob.has_magic(part))
+    root = Path(*parts[:k]) if k else Path(".")
+    regex = _glob_regex(parts[k:])
+    skip = {os.path.realpath(e) for e in exclude}
+    seen: set[str] = set()
+    out = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen or real in skip or os.path.exists(os.path.join(dirpath, MARKER)):
+            dirnames[:] = []
+            continue
+        seen.add(real)
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        rel = Path(dirpath).relative_to(root)
+        for f in sorted(filenames):
+            if f.startswith("."):
+                continue
+            r = (rel / f).as_posix()
+            if regex.match(r) and os.path.isfile(os.path.join(dirpath, f)):
+                out.append(Path(dirpath) / f)
+    return out
 
 
 RESERVED_NAMES = {"manifest.json", "cohort.csv"}
@@ -94,17 +139,26 @@ def safe_name(stem: str) -> str:
 
 def output_names(slides: Sequence[Path]) -> dict[str, Path]:
     """A distinct, safe output folder name for every slide: its sanitised stem, with a short path hash where
-    names collide (compared without case, as on case-insensitive file systems)."""
+    names collide (compared without case, as on case-insensitive file systems), and a number after that
+    where even those collide (a slide may be named like another's hashed name). Every slide gets a name."""
     counts: dict[str, int] = {}
     for s in slides:
         key = safe_name(s.stem).casefold()
         counts[key] = counts.get(key, 0) + 1
-    names = {}
+    names: dict[str, Path] = {}
+    taken = {safe_name(s.stem).casefold() for s in slides if counts[safe_name(s.stem).casefold()] == 1}
     for s in slides:
         name = safe_name(s.stem)
         if counts[name.casefold()] > 1:
-            name += "-" + hashlib.sha1(os.path.abspath(s).encode()).hexdigest()[:8]
+            base = name + "-" + hashlib.sha1(os.path.abspath(s).encode()).hexdigest()[:8]
+            name, k = base, 1
+            while name.casefold() in taken:
+                k += 1
+                name = f"{base}-{k}"
+            taken.add(name.casefold())
         names[name] = s
+    if len(names) != len(slides):  # cannot happen: every name above is distinct
+        raise RuntimeError(f"{len(slides)} slides got {len(names)} output names")
     return names
 
 

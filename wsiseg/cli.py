@@ -49,7 +49,10 @@ CELL_UM = _number(float, 1, 100_000)
 
 def _add_slide_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("slide", help="slide file (SVS, TIFF, NDPI, MRXS, DICOM, PNG/JPEG with --mpp, ...)")
-    p.add_argument("--mpp", type=MPP, default=None, help="level-0 microns per pixel; overrides the file")
+    p.add_argument("--mpp", type=MPP, default=None,
+                   help="level-0 microns per pixel for a slide that records none (the file's value wins)")
+    p.add_argument("--force-mpp", action="store_true",
+                   help="use --mpp even where the slide records an mpp (the summary says so)")
     p.add_argument("--backend", default="auto", choices=["auto", "openslide", "tiffslide", "image"])
     p.add_argument("--region", default=None, help="GeoJSON polygons (level-0 pixels) to analyse instead of detected tissue")
     p.add_argument("--whole-slide", action="store_true", help="analyse the whole slide, skipping tissue detection")
@@ -88,8 +91,11 @@ def _segment_options(args: argparse.Namespace, **extra):
     from .pipeline import SegmentOptions
 
     tissue = args.region or ("whole" if args.whole_slide else "detect")
+    if args.force_mpp and args.mpp is None:
+        raise ValueError("--force-mpp needs --mpp")
     return SegmentOptions(
-        mpp=args.mpp, backend=args.backend, tissue=tissue, tile_size=args.tile_size, overlap=args.overlap,
+        mpp=args.mpp, force_mpp=args.force_mpp, backend=args.backend, tissue=tissue, tile_size=args.tile_size,
+        overlap=args.overlap,
         batch_size=args.batch_size, on_oversize=args.on_oversize, writer=args.writer,
         writer_workers=args.writer_workers, geojson=args.geojson,
         table=args.table, zarr=not args.no_zarr, stats=not args.no_stats, **extra)
@@ -98,7 +104,9 @@ def _segment_options(args: argparse.Namespace, **extra):
 def cmd_info(args: argparse.Namespace) -> int:
     from .tiling import plan_slide
 
-    slide = open_slide(args.slide, mpp=args.mpp, backend=args.backend)
+    if args.force_mpp and args.mpp is None:
+        raise ValueError("--force-mpp needs --mpp")
+    slide = open_slide(args.slide, mpp=args.mpp, backend=args.backend, force_mpp=args.force_mpp)
     p = slide.properties
     info: dict = {
         "path": p.path,
@@ -109,7 +117,7 @@ def cmd_info(args: argparse.Namespace) -> int:
             {"dimensions": list(d), "downsample": round(ds, 4)} for d, ds in zip(p.level_dimensions, p.level_downsamples)
         ],
         "mpp": slide.mpp,
-        "mpp_source": "--mpp" if args.mpp is not None else ("file" if p.mpp_from_file else None),
+        "mpp_source": {"user": "--mpp", "forced": "--mpp --force-mpp"}.get(slide.mpp_source, slide.mpp_source),
         "objective_power": p.objective_power,
         "associated_images": list(p.associated_images),
     }
@@ -190,7 +198,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
     from .batch import collect_slides, run_batch, summarize
 
     model = _model(args.model)
-    slides = collect_slides(args.slides)
+    slides = collect_slides(args.slides, exclude=[args.out])
     if not slides:
         raise ValueError(f"no slides found in {' '.join(args.slides)}")
     opts = _segment_options(args, workers=args.read_workers)
@@ -348,7 +356,10 @@ def _add_batch(sub) -> None:
     _add_run_args(p)
     p.add_argument("--workers", type=WORKERS, default=1, help="parallel slide workers (a Dask LocalCluster when > 1)")
     p.add_argument("--scheduler", default=None, help="address of an existing Dask distributed scheduler")
-    p.add_argument("--mpp", type=MPP, default=None, help="level-0 microns per pixel for slides without one")
+    p.add_argument("--mpp", type=MPP, default=None,
+                   help="level-0 microns per pixel for slides that record none (a slide's own value wins)")
+    p.add_argument("--force-mpp", action="store_true",
+                   help="use --mpp for every slide, even those that record an mpp (each summary says so)")
     p.add_argument("--backend", default="auto", choices=["auto", "openslide", "tiffslide", "image"])
     p.add_argument("--region", default=None, help=argparse.SUPPRESS)
     p.add_argument("--whole-slide", action="store_true", help="analyse whole slides, skipping tissue detection")

@@ -26,7 +26,8 @@ from .tissue import TissueMask
 
 @dataclass
 class SegmentOptions:
-    mpp: float | None = None
+    mpp: float | None = None  # level-0 µm/px for slides that record none
+    force_mpp: bool = False  # use ``mpp`` even where the slide records one (the summary says so)
     backend: str = "auto"
     tissue: str = "detect"  # detect | whole | path to GeoJSON
     tile_size: int | None = None  # default: the model card's
@@ -180,9 +181,11 @@ def _classes(card) -> list[dict]:
     return [{"name": c.name, "color": list(c.color)} for c in card.classes]
 
 
-def _warnings(sp, card, tile_size: int) -> list[str]:
+def _warnings(sp, card, tile_size: int, slide=None) -> list[str]:
     """What the user should know about this run's plan (also written to summary.json)."""
     warnings = list(sp.tissue.notes)
+    if slide is not None and slide.mpp_note:
+        warnings.append(slide.mpp_note)
     if tile_size != card.tile_size:
         warnings.append(f"tile size {tile_size} px differs from the {card.tile_size} px the model was trained and "
                         "validated with; accuracy may differ")
@@ -217,7 +220,7 @@ def _run(slide_path: Path, predictor: Predictor, tmp_dir: Path, o: SegmentOption
     started = time.time()
     t0 = time.perf_counter()
     card = predictor.card
-    slide = open_slide(slide_path, mpp=o.mpp, backend=o.backend)
+    slide = open_slide(slide_path, mpp=o.mpp, backend=o.backend, force_mpp=o.force_mpp)
     tile_size = o.tile_size or card.tile_size
     overlap = card.overlap if o.overlap is None else o.overlap
     sp = plan_slide(slide, card.mpp, tile_size, overlap, tissue=_tissue(slide, o.tissue))
@@ -227,7 +230,7 @@ def _run(slide_path: Path, predictor: Predictor, tmp_dir: Path, o: SegmentOption
     _write_tissue_png(tmp_dir / "tissue.png", sp.tissue.mask)
     spec = _writer_spec(slide_path, slide, sp, tissue_mm2, predictor, tmp_dir, o, started)
     n_tiles = len(sp.grid)
-    warnings = _warnings(sp, card, tile_size)
+    warnings = _warnings(sp, card, tile_size, slide)
     for w in warnings:
         log.warning(w)
     progress = None
@@ -251,6 +254,7 @@ def _run(slide_path: Path, predictor: Predictor, tmp_dir: Path, o: SegmentOption
         "slide": str(slide_path),
         "slide_dimensions": list(slide.dimensions),
         "slide_mpp": slide.mpp,
+        "slide_mpp_source": slide.mpp_source,
         "model": card.name,
         "model_mpp": sp.plan.model_mpp,
         "read_level": sp.plan.level,
@@ -284,7 +288,7 @@ def _run(slide_path: Path, predictor: Predictor, tmp_dir: Path, o: SegmentOption
         "warnings": warnings,
         "settings": {"score_threshold": spec.score_threshold, "mask_threshold": spec.mask_threshold,
                      "nms_threshold": card.config.nms_thresh, "tile_size": sp.grid.tile_size, "overlap": overlap,
-                     "batch_size": o.batch_size, "mpp_override": o.mpp, "tissue": o.tissue,
+                     "batch_size": o.batch_size, "mpp_given": o.mpp, "force_mpp": o.force_mpp, "tissue": o.tissue,
                      "on_oversize": o.on_oversize, "backend": o.backend, "writer_workers": written.get("writer_workers", 1),
                      "min_area_um2": spec.min_area_um2},
     }

@@ -58,8 +58,9 @@ class Slide:
 
     backend_name = "abstract"
 
-    def __init__(self, path: str | os.PathLike, mpp: float | None = None):
+    def __init__(self, path: str | os.PathLike, mpp: float | None = None, force_mpp: bool = False):
         self.path = str(path)
+        self._force_mpp = bool(force_mpp)
         self._mpp_override = None if mpp is None else float(mpp)
         if self._mpp_override is not None and not self._mpp_override > 0:
             raise SlideError(f"{self.path}: mpp must be positive, got {mpp}")
@@ -115,10 +116,33 @@ class Slide:
 
     @property
     def mpp(self) -> float | None:
-        """Microns per level-0 pixel: the user's override, else the file's, else None."""
-        if self._mpp_override is not None:
+        """Microns per level-0 pixel: the file's; the user's where the file records none, or where the user
+        forces it (``force_mpp``); else None."""
+        if self._mpp_override is not None and (self._force_mpp or self.properties.mpp_from_file is None):
             return self._mpp_override
         return self.properties.mpp_from_file
+
+    @property
+    def mpp_source(self) -> str | None:
+        """Where :attr:`mpp` comes from: "file", "user" (the file records none), "forced" (the user's value
+        replaces the file's), or None (unknown)."""
+        if self._mpp_override is not None and self._force_mpp and self.properties.mpp_from_file is not None:
+            return "forced"
+        if self.properties.mpp_from_file is not None:
+            return "file"
+        return "user" if self._mpp_override is not None else None
+
+    @property
+    def mpp_note(self) -> str | None:
+        """What the user should know about the mpp in use, when their value was not simply taken."""
+        given, recorded = self._mpp_override, self.properties.mpp_from_file
+        if given is None or recorded is None or abs(given - recorded) <= 0.02 * recorded:
+            return None
+        if self._force_mpp:
+            return (f"mpp {given:g} µm/px forced by the user; the file records {recorded:g} (areas, densities and "
+                    "the resolution the model sees follow the forced value)")
+        return (f"the file records {recorded:g} µm/px, which is used; the given mpp {given:g} applies only to "
+                "slides without one (force it with --force-mpp)")
 
     def require_mpp(self) -> float:
         """The level-0 mpp, or a clear error when neither file nor user gives one."""
@@ -199,10 +223,10 @@ class Slide:
         return f"{type(self).__name__}({self.path!r}, dimensions={self.dimensions}, mpp={self.mpp})"
 
     def __getstate__(self) -> dict:
-        return {"path": self.path, "mpp": self._mpp_override}
+        return {"path": self.path, "mpp": self._mpp_override, "force_mpp": self._force_mpp}
 
     def __setstate__(self, state: dict) -> None:
-        self.__init__(state["path"], mpp=state["mpp"])
+        self.__init__(state["path"], mpp=state["mpp"], force_mpp=state.get("force_mpp", False))
 
 
 def composite_on_white(arr: np.ndarray) -> np.ndarray:
@@ -551,8 +575,12 @@ BACKENDS: dict[str, type[Slide]] = {
 }
 
 
-def open_slide(path: str | os.PathLike, mpp: float | None = None, backend: str = "auto") -> Slide:
+def open_slide(path: str | os.PathLike, mpp: float | None = None, backend: str = "auto",
+               force_mpp: bool = False) -> Slide:
     """Open a slide, trying OpenSlide, then TiffSlide, then a plain-image reader.
+
+    ``mpp`` (level-0 microns per pixel) is used where the file records none; with ``force_mpp`` it replaces
+    the file's (see :attr:`Slide.mpp_source`).
 
     The slide is checked by reading a small region of its coarsest level, so a
     file that opens but cannot be decoded fails here, not halfway through a run.
@@ -577,7 +605,7 @@ def open_slide(path: str | os.PathLike, mpp: float | None = None, backend: str =
     failures = []
     for name in names:
         try:
-            slide = BACKENDS[name](path, mpp=mpp)
+            slide = BACKENDS[name](path, mpp=mpp, force_mpp=force_mpp)
             _probe(slide)
             return slide
         except MppUnknownError:
