@@ -233,6 +233,145 @@ def _foreign_summary(sb: Path) -> None:
     (sb / "out" / "x.nuclei.csv").write_text("id\n1\n")
 
 
+def _bad_config(key: str, value):
+    """The bundled model with one field of its card's network config changed."""
+    def setup(sb: Path) -> None:
+        from safetensors import safe_open
+        from safetensors.numpy import load_file, save_file
+
+        from wsiseg.card import default_model_path
+
+        _user_files(sb)
+        src = default_model_path()
+        with safe_open(src, framework="numpy") as f:
+            card = json.loads(f.metadata()["wsiseg_card"])
+        card["config"][key] = value
+        save_file(load_file(src), str(sb / "bad.safetensors"), metadata={"wsiseg_card": json.dumps(card)})
+
+    return setup
+
+
+def _bad_tensor(kind: str):
+    """The bundled model with one tensor damaged: stored as int8, holding NaN, or of the wrong shape."""
+    def setup(sb: Path) -> None:
+        from safetensors import safe_open
+        from safetensors.numpy import load_file, save_file
+
+        from wsiseg.card import default_model_path
+
+        _user_files(sb)
+        src = default_model_path()
+        with safe_open(src, framework="numpy") as f:
+            meta = f.metadata()
+        state = load_file(src)
+        k = "roi_heads.box_predictor.cls_score.weight"
+        if kind == "int8":
+            state[k] = state[k].astype(np.int8)
+        elif kind == "nan":
+            state[k] = state[k].copy()
+            state[k][0, 0] = np.nan
+        else:
+            state[k] = state[k][:, :-1].copy()
+        save_file(state, str(sb / "bad.safetensors"), metadata=meta)
+
+    return setup
+
+
+def _cmu1_in(sb: Path) -> None:
+    _user_files(sb)
+    (sb / "in").mkdir()
+    (sb / "in" / "cmu1.svs").symlink_to(Path(__file__).resolve().parents[1] / "examples" / "CMU-1-Small-Region.svs")
+
+
+def _check_recorded_mpp_won(sb: Path, proc) -> None:
+    summ = json.loads((sb / "out" / "cmu1" / "summary.json").read_text())
+    assert abs(summ["slide_mpp"] - 0.499) < 1e-3 and summ["slide_mpp_source"] == "file"
+    assert any("records 0.499" in w and "--force-mpp" in w for w in summ["warnings"])
+
+
+def _check_forced_mpp(sb: Path, proc) -> None:
+    summ = json.loads((sb / "out" / "cmu1" / "summary.json").read_text())
+    assert summ["slide_mpp"] == 0.2527 and summ["slide_mpp_source"] == "forced"
+    assert any("forced" in w for w in summ["warnings"])
+
+
+def _tree_with_output(sb: Path) -> None:
+    """Slides in a tree, a batch output inside it from an earlier run, and a link back up the tree."""
+    _user_files(sb)
+    _png(sb / "tree" / "a.png", seed=1)
+    _png(sb / "tree" / "deep" / "b.png", seed=2)
+    (sb / "tree" / "deep" / "up").symlink_to(sb / "tree")  # a loop
+    _run(["batch", f"{sb}/tree/**/*.png", "--out", f"{sb}/tree/out", *BATCH], sb)
+
+
+def _check_two_slides(sb: Path, proc) -> None:
+    slides = json.loads((sb / "tree" / "out" / "manifest.json").read_text())["slides"]
+    assert sorted(Path(e["slide"]).name for e in slides.values()) == ["a.png", "b.png"], slides
+
+
+def _hashed_name_twin(sb: Path) -> None:
+    import hashlib
+
+    _user_files(sb)
+    _png(sb / "x" / "a.png", seed=1)
+    _png(sb / "y" / "a.png", seed=2)
+    h = hashlib.sha1(os.path.abspath(sb / "x" / "a.png").encode()).hexdigest()[:8]
+    _png(sb / "z" / f"a-{h}.png", seed=3)
+
+
+def _check_three_done(sb: Path, proc) -> None:
+    slides = json.loads((sb / "out" / "manifest.json").read_text())["slides"]
+    assert len(slides) == 3 and all(e["status"] == "done" for e in slides.values()), slides
+    assert len({e["output"] for e in slides.values()}) == 3
+
+
+def _train_cfg(extra: str, val: str = "val_names: [a]"):
+    def setup(sb: Path) -> None:
+        _damaged_checkpoint(sb)
+        (sb / "run" / "last.pt").unlink()
+        (sb / "cfg.yaml").write_text(f"data: {sb / 'data'}\nout: {sb / 'run'}\nsteps: 1\n{val}\n"
+                                     f"model: {{width: 8}}\n{extra}\n")
+
+    return setup
+
+
+def _split_with_numbers(sb: Path) -> None:
+    _train_cfg("")(sb)
+    (sb / "split.json").write_text('{"train": ["a"], "val": [1, 2]}')
+    (sb / "cfg.yaml").write_text(f"out: {sb / 'run'}\nsteps: 1\nmodel: {{width: 8}}\n"
+                                 f"datasets:\n  - {{path: {sb / 'data'}, split: {sb / 'split.json'}}}\n")
+
+
+def _early_eoi_tile(sb: Path) -> None:
+    """A pyramidal JPEG TIFF one of whose tiles has its scan cut short before a proper end-of-image marker."""
+    import tifffile
+
+    from conftest import write_pyramid_tiff
+
+    _user_files(sb)
+    img, _ = synthetic_he(512, 512, seed=4, n_nuclei=80)
+    path = write_pyramid_tiff(sb / "slides" / "eoi.tif", img, 0.25, levels=2, tile=256)
+    with tifffile.TiffFile(path) as tif:  # the last tile of every level
+        tiles = [(lv.pages[0].dataoffsets[-1], lv.pages[0].databytecounts[-1]) for lv in tif.series[0].levels]
+    data = bytearray(path.read_bytes())
+    for off, n in tiles:
+        tile = bytes(data[off : off + n])
+        sos = tile.find(b"\xff\xda")
+        scan = sos + 2 + int.from_bytes(tile[sos + 2 : sos + 4], "big")
+        cut = tile[: scan + (n - scan) // 3] + b"\xff\xd9"
+        data[off : off + n] = cut + b"\0" * (n - len(cut))
+    path.write_bytes(bytes(data))
+
+
+def _bad_summary_fields(sb: Path) -> None:
+    _user_files(sb)
+    (sb / "out").mkdir()
+    (sb / "out" / "summary.json").write_text(json.dumps(
+        {"wsiseg_version": "0", "slide": "x.svs", "slide_dimensions": ["wide", "tall"], "slide_mpp": "fine",
+         "model": "m", "nuclei_per_class": {"a": 1}}))
+    (sb / "out" / "x.nuclei.csv").write_text("id,class_id,centroid_x_um,centroid_y_um\n1,1,1.0,1.0\n")
+
+
 SLIDE = ["--mpp", "0.25", "--whole-slide", "--model", "threshold", "--quiet", "--no-stats", "--no-zarr"]
 BATCH = ["--mpp", "0.25", "--whole-slide", "--model", "threshold", "--no-stats", "--no-zarr"]
 
@@ -295,6 +434,42 @@ CASES = [
                                         "{sb}/split.json"], 2, lambda sb: _eval_data(sb, True), out=None,
          stderr_has=["'val'"]),
     Case("stats-foreign-summary", ["stats", "{sb}/out"], 2, _foreign_summary, stderr_has=["not the summary"]),
+    # issue 29, second round
+    *[Case(f"card config.{k}={v!r}", ["segment", "{sb}/slides/keep.png", "--out", "{sb}/out", "--model",
+                                      "{sb}/bad.safetensors", "--mpp", "0.25", "--quiet"], 2, _bad_config(k, v),
+           stderr_has=["bad.safetensors", f"config.{k}"], check=_no_output)
+      for k, v in (("score_thresh", 1.5), ("detections_per_tile", 0), ("nms_thresh", -1),
+                   ("rpn_post_nms_top_n_test", 0), ("backbone", "vgg"), ("anchor_sizes", []))],
+    *[Case(f"model tensor {kind}", ["segment", "{sb}/slides/keep.png", "--out", "{sb}/out", "--model",
+                                    "{sb}/bad.safetensors", "--mpp", "0.25", "--quiet"], 2, _bad_tensor(kind),
+           stderr_has=["bad.safetensors", "roi_heads.box_predictor.cls_score.weight", what], check=_no_output)
+      for kind, what in (("int8", "int8"), ("nan", "NaN"), ("shape", "needs"))],
+    Case("batch-mpp-does-not-override-a-recorded-one", ["batch", "{sb}/in", "--out", "{sb}/out", "--mpp", "0.2527",
+                                                        "--model", "threshold", "--no-stats", "--no-zarr",
+                                                        "--on-oversize", "drop"], 0,
+         _cmu1_in, check=_check_recorded_mpp_won),
+    Case("batch-force-mpp", ["batch", "{sb}/in", "--out", "{sb}/out", "--mpp", "0.2527", "--force-mpp",
+                             "--model", "threshold", "--no-stats", "--no-zarr", "--on-oversize", "drop"], 0, _cmu1_in, check=_check_forced_mpp),
+    Case("batch-recursive-glob-skips-its-output-and-link-loops", ["batch", "{sb}/tree/**/*.png", "--out",
+                                                                  "{sb}/tree/out", *BATCH], 0, _tree_with_output,
+         out="tree/out", check=_check_two_slides, user_files_in_out=False),
+    Case("batch-name-like-a-hashed-name", ["batch", "{sb}/x/a.png", "{sb}/y/a.png", "{sb}/z", "--out", "{sb}/out",
+                                           *BATCH], 0, _hashed_name_twin, check=_check_three_done),
+    Case("segment-early-eoi-jpeg-tile", ["segment", "{sb}/slides/eoi.tif", "--out", "{sb}/out", "--whole-slide",
+                                         "--model", "threshold", "--mpp", "0.25", "--quiet"], 2, _early_eoi_tile,
+         stderr_has=["eoi.tif", "damaged", "premature end"], check=_no_output),
+    Case("stats-non-numeric-summary", ["stats", "{sb}/out"], 2, _bad_summary_fields,
+         stderr_has=["summary.json", "slide_dimensions"]),
+    Case("train-misspelt-val-name", ["train", "{sb}/cfg.yaml"], 2, _train_cfg("", "val_names: [zz]"), out="run",
+         stderr_has=["val_names", "zz"]),
+    *[Case(f"train {setting}", ["train", "{sb}/cfg.yaml"], 2, _train_cfg(setting), out="run",
+           stderr_has=["cfg.yaml", name])
+      for setting, name in (("batch_size: 0", "batch_size"), ("steps: many", "steps"), ("lr: -1", "lr"))],
+    Case("train width -8", ["train", "{sb}/cfg.yaml"], 2,
+         lambda sb: (_train_cfg("")(sb), (sb / "cfg.yaml").write_text((sb / "cfg.yaml").read_text().replace(
+             "width: 8", "width: -8"))), out="run", stderr_has=["cfg.yaml", "config.width"]),
+    Case("train-split-with-numbers", ["train", "{sb}/cfg.yaml"], 2, _split_with_numbers, out="run",
+         stderr_has=["split.json", "strings"]),
     Case("train-damaged-checkpoint", ["train", "{sb}/cfg.yaml"], 2, _damaged_checkpoint, out="run",
          stderr_has=["last.pt", "damaged"]),
 ]
@@ -375,3 +550,56 @@ def test_a_second_run_on_the_same_output_stops_and_names_the_first(command: str,
     proc = _run(args, sb)
     assert proc.returncode == 0, proc.stderr
     assert (sb / "out" / ("summary.json" if command == "segment" else "manifest.json")).is_file()
+
+
+def test_a_scheduler_that_never_answers_is_reported_in_bounded_time(tmp_path: Path) -> None:
+    """Something on 127.0.0.1 accepts the connection and then says nothing: a clear error, exit 5, no hang."""
+    import socket
+    import threading
+    import time
+
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(4)
+    held = []
+    threading.Thread(target=lambda: [held.append(srv.accept()) for _ in range(4)], daemon=True).start()
+    _png(tmp_path / "in" / "a.png")
+    t0 = time.monotonic()
+    proc = _run(["batch", "{sb}/in", "--out", "{sb}/out", *BATCH, "--scheduler",
+                 f"tcp://127.0.0.1:{srv.getsockname()[1]}"], tmp_path)
+    assert proc.returncode == 5 and "no answer within" in proc.stderr and "Traceback" not in proc.stderr
+    assert time.monotonic() - t0 < 60
+    srv.close()
+
+
+def test_stdout_closed_early_is_no_error(tmp_path: Path) -> None:
+    """``wsiseg segment ... | head -1``: the reader goes away; the run still finishes its outputs, quietly."""
+    _png(tmp_path / "a.png")
+    args = [sys.executable, "-m", "wsiseg.cli", "segment", str(tmp_path / "a.png"), "--out", str(tmp_path / "out"),
+            *SLIDE]
+    r, w = os.pipe()
+    os.close(r)  # nobody will ever read: every write to stdout fails with EPIPE
+    proc = subprocess.run(args, stdout=w, stderr=subprocess.PIPE, text=True, timeout=TIME_LIMIT)
+    os.close(w)
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr
+    assert (tmp_path / "out" / "summary.json").is_file()
+
+
+def test_batch_on_a_full_disk_stops_with_the_disk_full_code(tmp_path: Path) -> None:
+    """A disk that fills up fails every slide after it too: the batch stops with exit 3, no traceback noise."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("cannot mount a small tmpfs here (needs root) to fill a disk")
+    try:
+        (mnt / "fill").write_bytes(b"\0" * (1024 * 1024 - 96 * 1024))
+        for i in range(3):
+            _png(tmp_path / "in" / f"s{i}.png", size=512, seed=i)
+        proc = _run(["batch", "{sb}/in", "--out", str(mnt / "out"), *BATCH[:-2]], tmp_path)
+        assert proc.returncode == 3, proc.stdout + proc.stderr
+        assert "no space left" in proc.stderr
+        for noise in ("Traceback", "Exception ignored", "leaked"):
+            assert noise not in proc.stderr, proc.stderr
+    finally:
+        subprocess.run(["umount", str(mnt)], capture_output=True)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import errno
 import glob
 import hashlib
 import json
@@ -38,6 +39,7 @@ SLIDE_SUFFIXES = {".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mr
                   ".png", ".jpg", ".jpeg"}
 MANIFEST = "manifest.json"
 BATCH_LOCK = ".wsiseg-batch.lock"
+RESOURCE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}
 
 _PREDICTORS: dict = {}
 
@@ -214,6 +216,9 @@ def process_slide(slide: str, out_dir: str, model: str, options: dict, device: s
         entry.update(status="failed", reason="unreadable", error=str(exc))
     except OutputError as exc:
         entry.update(status="failed", reason="output_not_replaceable", error=str(exc))
+    except OSError as exc:
+        entry.update(status="failed", reason=type(exc).__name__, error=str(exc), errno=exc.errno,
+                     filename=str(exc.filename or out_dir))
     except Exception as exc:  # a slide-specific failure must not stop the batch
         entry.update(status="failed", reason=type(exc).__name__, error=str(exc))
     else:
@@ -222,6 +227,9 @@ def process_slide(slide: str, out_dir: str, model: str, options: dict, device: s
                      nuclei=summary["nuclei"], tiles=summary["tiles"], tissue_area_mm2=summary["tissue_area_mm2"],
                      nuclei_per_class=summary["nuclei_per_class"], timings_s=summary["timings_s"],
                      checksums=output_checksums(Path(out_dir)))
+    import gc
+
+    gc.collect()  # a failed run's exception cycles hold its writer's queues: release their semaphores now
     entry["finished"] = time.time()
     entry["wall_s"] = round(entry["finished"] - t0, 3)
     return entry
@@ -298,6 +306,8 @@ def _run_batch_locked(slides, out: Path, model, options, workers, scheduler, dev
         save_manifest(out, manifest)
         if on_result is not None:
             on_result(name, entry)
+        if entry.get("errno") in RESOURCE_ERRNOS:  # a full or read-only disk fails every slide after it too
+            raise OSError(entry["errno"], os.strerror(entry["errno"]), entry.get("filename"))
 
     if todo and workers == 1 and scheduler is None and client is None:
         for name in todo:
@@ -316,10 +326,7 @@ def _run_dask(todo, names, out, model, opts, workers, scheduler, device, precisi
         if scheduler:
             from .errors import SchedulerUnreachableError
 
-            try:
-                client = own = Client(scheduler, timeout="10s")
-            except (OSError, TimeoutError, ValueError) as exc:
-                raise SchedulerUnreachableError(f"Dask scheduler {scheduler}: cannot connect ({exc})") from None
+            client = own = connect_scheduler(scheduler)
         else:
             cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None)
             client = own = Client(cluster)
@@ -345,6 +352,39 @@ def _run_dask(todo, names, out, model, opts, workers, scheduler, device, precisi
             own.close()
             if cluster is not None and not scheduler:
                 cluster.close()
+
+
+SCHEDULER_TIMEOUT_S = 15.0
+
+
+def connect_scheduler(address: str, timeout: float = SCHEDULER_TIMEOUT_S):
+    """A Dask client of the scheduler at ``address``, or ``SchedulerUnreachableError`` within ``timeout``
+    seconds: nothing listening, something else answering (however it answers), or nothing answering at all
+    (the handshake is bounded too: the client is made in a thread that is abandoned when it overruns)."""
+    import threading
+
+    from distributed import Client
+
+    from .errors import SchedulerUnreachableError
+
+    result: dict = {}
+
+    def make() -> None:
+        try:
+            result["client"] = Client(address, timeout=f"{max(1.0, timeout - 2):g}s")
+        except BaseException as exc:  # anything the handshake with a stranger raises (even MemoryError)
+            result["error"] = exc
+
+    t = threading.Thread(target=make, name="wsiseg-connect", daemon=True)
+    t.start()
+    t.join(timeout)
+    if "client" in result:
+        return result["client"]
+    if t.is_alive():
+        raise SchedulerUnreachableError(f"Dask scheduler {address}: no answer within {timeout:g} s (is it a Dask "
+                                        "scheduler? dask-scheduler prints its address, e.g. tcp://host:8786)")
+    exc = result.get("error")
+    raise SchedulerUnreachableError(f"Dask scheduler {address}: cannot connect ({type(exc).__name__}: {exc})")
 
 
 def write_cohort(out: Path, manifest: dict) -> Path:

@@ -27,6 +27,10 @@ NAMED_MEANINGS = {
 }
 
 
+KNOWN_BACKBONES = ("resnet18", "resnet34", "resnet50", "mobilenet_v3_large", "efficientnet_lite0",
+                   "efficientnet_lite1", "efficientnet_lite2")
+
+
 @dataclass
 class NucleusClass:
     name: str
@@ -73,6 +77,55 @@ class ModelConfig:
     class_temperature: float = 1.0  # class logits are divided by it before the softmax (calibration; 1: none)
 
 
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the first field (``config.<name>``) of a wrong type or outside its range."""
+        import math
+
+        def whole(name, lo, hi):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+                raise ValueError(f"config.{name} must be a whole number in [{lo}, {hi}], got {v!r}")
+
+        def number(name, lo, hi, low_open=False):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not (
+                    (lo < v) if low_open else (lo <= v)) or not v <= hi:
+                raise ValueError(f"config.{name} must be a number in {'(' if low_open else '['}{lo}, {hi}], "
+                                 f"got {v!r}")
+
+        def numbers(name, lo, hi, low_open=False):
+            v = getattr(self, name)
+            if not isinstance(v, (tuple, list)) or not v or not all(
+                    not isinstance(x, bool) and isinstance(x, (int, float)) and math.isfinite(x)
+                    and ((lo < x) if low_open else (lo <= x)) and x <= hi for x in v):
+                raise ValueError(f"config.{name} must be a non-empty list of numbers in ({lo}, {hi}], got {v!r}")
+
+        if self.backbone not in KNOWN_BACKBONES:
+            raise ValueError(f"config.backbone must be one of {', '.join(KNOWN_BACKBONES)}, got {self.backbone!r}")
+        if self.norm not in ("batchnorm", "groupnorm"):
+            raise ValueError(f"config.norm must be batchnorm or groupnorm, got {self.norm!r}")
+        if self.pretrained not in ("", "imagenet"):
+            raise ValueError(f"config.pretrained must be '' or 'imagenet', got {self.pretrained!r}")
+        whole("num_classes", 1, 1000)
+        whole("tile_size", 32, 8192)
+        numbers("anchor_sizes", 0, 4096, low_open=True)
+        numbers("anchor_scales", 0, 16, low_open=True)
+        numbers("aspect_ratios", 0, 16, low_open=True)
+        whole("mask_roi_size", 4, 64)
+        whole("roi_sampling_ratio", 0, 8)
+        for name in ("fpn_channels", "box_head_dim", "mask_head_channels"):
+            whole(name, 1, 8192)
+        whole("width", 1, 1024)
+        whole("detections_per_tile", 1, 100_000)
+        for name in ("rpn_pre_nms_top_n_test", "rpn_post_nms_top_n_test", "rpn_pre_nms_top_n_train",
+                     "rpn_post_nms_top_n_train", "box_batch_size_per_image", "rpn_batch_size_per_image"):
+            whole(name, 1, 1_000_000)
+        number("box_positive_fraction", 0, 1, low_open=True)
+        number("score_thresh", 0, 1)
+        number("nms_thresh", 0, 1, low_open=True)
+        number("class_temperature", 0.01, 100)
+
+
 @dataclass
 class ModelCard:
     """What a user needs to know to run a model and read its output."""
@@ -103,8 +156,11 @@ class ModelCard:
         d = dict(d)
         d["classes"] = [NucleusClass(c["name"], tuple(c["color"]), c.get("description", "")) for c in d["classes"]]
         cfg = dict(d.get("config", {}))
+        unknown = set(cfg) - set(ModelConfig.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"config has unknown fields {sorted(unknown)} (a newer wsiseg's model?)")
         for k in ("anchor_sizes", "anchor_scales", "aspect_ratios"):
-            if k in cfg:
+            if isinstance(cfg.get(k), list):
                 cfg[k] = tuple(cfg[k])
         d["config"] = ModelConfig(**cfg)
         for k in ("mean", "std"):
@@ -126,7 +182,6 @@ class ModelCard:
         number("score_threshold", self.score_threshold, 0, 1)
         number("min_area_um2", self.min_area_um2, 0, 1000)
         number("class_min_probability", self.class_min_probability, 0, 1)
-        number("config.class_temperature", self.config.class_temperature, 0.01, 100)
         if not isinstance(self.tile_size, int) or not 32 <= self.tile_size <= 8192:
             raise ValueError(f"tile_size must be a whole number of pixels in [32, 8192], got {self.tile_size!r}")
         if not isinstance(self.overlap, int) or not 0 <= self.overlap < self.tile_size:
@@ -142,9 +197,7 @@ class ModelCard:
         for i in range(3):
             number("mean", self.mean[i], -10, 10)
             number("std", self.std[i], 1e-6, 10)
-        r = self.config.roi_sampling_ratio
-        if isinstance(r, bool) or not isinstance(r, int) or not 0 <= r <= 8:
-            raise ValueError(f"config.roi_sampling_ratio must be a whole number in [0, 8] (0: adaptive), got {r!r}")
+        self.config.validate()
         if self.config.num_classes != len(self.classes):
             raise ValueError(f"config.num_classes ({self.config.num_classes}) differs from the {len(self.classes)} "
                              "classes")

@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import math
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -243,8 +244,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             split = json.loads(Path(args.split).read_text())
         except ValueError as exc:
             raise ValueError(f"{args.split}: not a JSON split file ({exc})") from None
-        if not isinstance(split, dict) or not isinstance(split.get("val"), list):
-            raise ValueError(f"{args.split}: a split file needs a 'val' list of image names")
+        if not isinstance(split, dict) or not isinstance(split.get("val"), list) or not all(
+                isinstance(n, str) for n in split["val"]):
+            raise ValueError(f"{args.split}: a split file needs a 'val' list of image names (strings)")
         names = split["val"]
     elif args.names:
         names = args.names
@@ -477,7 +479,45 @@ def _exit_code(exc: BaseException) -> tuple[int, str]:
     return EXIT_INTERNAL, f"internal error ({type(exc).__name__}: {exc}); run again with --debug for the traceback"
 
 
+class _QuietPipe:
+    """stdout that stops writing, without an error, once its reader has gone (``wsiseg ... | head -1``): the
+    run goes on and its outputs are finished as if the reader were still there."""
+
+    def __init__(self, stream):
+        self._stream = stream
+        self.closed_by_reader = False
+
+    def write(self, text: str) -> int:
+        if not self.closed_by_reader:
+            try:
+                return self._stream.write(text)
+            except BrokenPipeError:
+                self._gone()
+        return len(text)
+
+    def flush(self) -> None:
+        if not self.closed_by_reader:
+            try:
+                self._stream.flush()
+            except BrokenPipeError:
+                self._gone()
+
+    def _gone(self) -> None:
+        self.closed_by_reader = True
+        try:  # the interpreter's own flush at exit must not fail either
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, self._stream.fileno())
+            os.close(devnull)
+        except (OSError, ValueError):
+            pass
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    if not isinstance(sys.stdout, _QuietPipe) and sys.stdout is not None:
+        sys.stdout = _QuietPipe(sys.stdout)
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv  # accepted anywhere on the line

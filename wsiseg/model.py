@@ -266,7 +266,10 @@ def save_model(model: nn.Module, card: ModelCard, path: str | os.PathLike, half:
 
 
 def load_model(path: str | os.PathLike) -> tuple[nn.Module, ModelCard]:
-    """Build the model its card describes and load its weights; nothing is unpickled."""
+    """Build the model its card describes and load its weights; nothing is unpickled. Every tensor must be
+    there with the shape the card's network needs, a floating-point tensor stored as floating point, and
+    every weight finite: otherwise ``ModelLoadError`` names the file and the tensor."""
+    import torch
     from safetensors.torch import load_file
 
     path = str(path)
@@ -274,12 +277,24 @@ def load_model(path: str | os.PathLike) -> tuple[nn.Module, ModelCard]:
         raise ModelLoadError(f"{path}: no such model file")
     card = load_card(path)
     model = build_model(card.config, card.mean, card.std)
-    state = load_file(path)
+    try:
+        state = load_file(path)
+    except Exception as exc:
+        raise ModelLoadError(f"{path}: cannot read the weights ({exc})") from None
     own = model.state_dict()
-    state = {k: v.to(own[k].dtype) if k in own else v for k, v in state.items()}
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
     if missing or unexpected:
         raise ModelLoadError(f"{path}: weights do not match the card's architecture "
-                             f"(missing {missing[:3]}..., unexpected {unexpected[:3]}...)")
+                             f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    for k, v in own.items():
+        t = state[k]
+        if tuple(t.shape) != tuple(v.shape):
+            raise ModelLoadError(f"{path}: tensor {k} is {tuple(t.shape)}, the card's network needs {tuple(v.shape)}")
+        if v.is_floating_point() and not t.is_floating_point():
+            raise ModelLoadError(f"{path}: tensor {k} is stored as {t.dtype}; the network needs floating point")
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise ModelLoadError(f"{path}: tensor {k} holds NaN or infinite weights")
+    model.load_state_dict({k: state[k].to(v.dtype) for k, v in own.items()})
     model.eval()
     return model, card

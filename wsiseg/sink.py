@@ -404,6 +404,10 @@ def _serve(spec: WriterSpec, inq, outq, nuclei, nice: int) -> None:
         if writer is not None:
             writer.abort()
         outq.put(_pack_error(exc))
+    finally:
+        # reported: from here on a terminate() from the parent ends the process quietly, even in the libraries'
+        # exit handlers, instead of raising SystemExit inside them
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 class ProcessSink:
@@ -422,6 +426,7 @@ class ProcessSink:
         self.outq = ctx.Queue()
         self._nuclei = ctx.Value("q", 0, lock=False)
         self.result: dict | None = None
+        self._reported = False  # the child sent its result or its error, and is ending by itself
         self.proc = ctx.Process(target=_serve, args=(spec, self.inq, self.outq, self._nuclei, nice),
                                 name="wsiseg-writer", daemon=spec.workers <= 1)  # a daemon has no pool
         self.proc.start()
@@ -447,6 +452,7 @@ class ProcessSink:
             else:
                 return
         kind, *rest = pickle.loads(msg)
+        self._reported = True
         if kind == "done":
             self.result = rest[0]
             return
@@ -478,6 +484,8 @@ class ProcessSink:
 
     def stop(self) -> None:
         """Abandon the run: end the child; its unfinished outputs are left for the caller to remove."""
+        if self._reported:  # it is ending by itself: let it release its resources (a kill would leak them)
+            self.proc.join(timeout=10)
         if self.proc.is_alive():
             self.proc.terminate()
         self.proc.join(timeout=30)

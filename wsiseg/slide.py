@@ -415,6 +415,9 @@ class TiffSlideSlide(Slide):
                 if not data.startswith(b"\xff\xd8") or not end.endswith(b"\xff\xd9"):
                     raise ValueError(f"JPEG tile {index} of level {level} is damaged (its data is cut short or "
                                      "overwritten)")
+                problem = jpeg_problem(data, page.jpegtables)
+                if problem:
+                    raise ValueError(f"JPEG tile {index} of level {level} is damaged ({problem})")
             arr = page.decode(data, index, jpegtables=page.jpegtables)[0]
             if arr is None:
                 raise ValueError(f"tile {index} of level {level} could not be decoded")
@@ -518,6 +521,39 @@ def _available_memory() -> int:
     return 1 << 62
 
 
+def jpeg_problem(data: bytes, tables: bytes | None = None) -> str | None:
+    """What libjpeg-turbo reports as wrong with a JPEG stream (``tables``: the TIFF's shared JPEGTables), or
+    None. Decoders otherwise fill what a damaged stream lacks with flat colour and say nothing: a scan that
+    stops early at a proper end-of-image marker decodes as a grey block (simplejpeg's strict mode raises)."""
+    import simplejpeg
+
+    if tables and len(tables) > 4 and data[:2] == b"\xff\xd8":
+        data = tables[:-2] + data[2:]  # an abbreviated stream: the tables, then the tile without its SOI
+    try:
+        simplejpeg.decode_jpeg(data, colorspace="RGB", strict=True, fastdct=True, fastupsample=True)
+    except ValueError as exc:
+        return str(exc).strip() or "libjpeg error"
+    return None
+
+
+def _check_jpeg_segments(path: str) -> None:
+    """A ``SlideError`` naming the first damaged JPEG tile or strip of a flat TIFF's first image, if any."""
+    import tifffile
+
+    with tifffile.TiffFile(path) as tif:
+        page = tif.pages[0]
+        if page.compression != 7:
+            return
+        with open(path, "rb") as f:
+            for i, (off, n) in enumerate(zip(page.dataoffsets, page.databytecounts)):
+                if not n:
+                    continue
+                f.seek(off)
+                problem = jpeg_problem(f.read(n), page.jpegtables)
+                if problem:
+                    raise SlideError(f"{path}: JPEG tile {i} is damaged ({problem})")
+
+
 def _load_plain_image(path: str) -> np.ndarray:
     """A plain image decoded once into RGB(A) ``uint8``, with as few copies as its format allows."""
     from PIL import Image
@@ -526,6 +562,7 @@ def _load_plain_image(path: str) -> np.ndarray:
     if suffix in {".tif", ".tiff"}:
         import tifffile
 
+        _check_jpeg_segments(path)
         img = tifffile.imread(path)
         if img.ndim == 3 and img.shape[0] in (3, 4) and img.shape[2] not in (3, 4):
             img = np.moveaxis(img, 0, -1)
@@ -547,6 +584,10 @@ def _load_plain_image(path: str) -> np.ndarray:
 
                 with open(path, "rb") as f:
                     data = f.read()
+                if fmt == "JPEG":
+                    problem = jpeg_problem(data)
+                    if problem:
+                        raise SlideError(f"{path}: the JPEG image is damaged ({problem})")
                 img = imagecodecs.png_decode(data) if fmt == "PNG" else imagecodecs.jpeg8_decode(data)
                 del data
             if img is None:

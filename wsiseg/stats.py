@@ -418,7 +418,37 @@ def write_stats(out_dir: str | os.PathLike, cell_um: float = 100.0) -> dict:
     need = ("wsiseg_version", "slide", "slide_dimensions", "slide_mpp", "model", "nuclei_per_class")
     if not isinstance(run, dict) or any(k not in run for k in need):
         raise ValueError(f"{sp}: not the summary of a wsiseg segment run (needs {', '.join(need)})")
+    _check_run(sp, run)
     return write_run_stats(out_dir, run, cell_um)
+
+
+def _check_run(sp: Path, run: dict) -> None:
+    """Raise ``ValueError`` naming the first field of a summary that the statistics cannot use."""
+
+    def num(v, lo=0.0):
+        return not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v) and v > lo
+
+    dims = run["slide_dimensions"]
+    if not (isinstance(dims, list) and len(dims) == 2 and all(num(v) for v in dims)):
+        raise ValueError(f"{sp}: slide_dimensions must be [width, height] in pixels, got {dims!r}")
+    if not num(run["slide_mpp"]) or run["slide_mpp"] > 1000:
+        raise ValueError(f"{sp}: slide_mpp must be a positive number, got {run['slide_mpp']!r}")
+    t = run.get("tissue_area_mm2")
+    if t is not None and not (num(t, -1) and t >= 0):
+        raise ValueError(f"{sp}: tissue_area_mm2 must be a number, got {t!r}")
+    per = run["nuclei_per_class"]
+    if not isinstance(per, dict) or not all(isinstance(k, str) for k in per):
+        raise ValueError(f"{sp}: nuclei_per_class must map class names to counts, got {per!r}")
+    classes = run.get("classes")
+    if classes is not None and not (isinstance(classes, list) and all(
+            isinstance(c, dict) and isinstance(c.get("name"), str) and isinstance(c.get("color"), list)
+            and len(c["color"]) == 3 and all(isinstance(v, int) and 0 <= v <= 255 for v in c["color"])
+            for c in classes)):
+        raise ValueError(f"{sp}: classes must be a list of {{name, color: [r, g, b]}}")
+    info = run.get("tissue_mask_file")
+    if info is not None and not (isinstance(info, dict) and isinstance(info.get("file", ""), str)
+                                 and num(info.get("level0_px_per_pixel", 1))):
+        raise ValueError(f"{sp}: tissue_mask_file must be {{file, level0_px_per_pixel}}, got {info!r}")
 
 
 def write_run_stats(out_dir: str | os.PathLike, run: dict, cell_um: float = 100.0) -> dict:

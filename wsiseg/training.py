@@ -14,7 +14,7 @@ import math
 import os
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -219,7 +219,55 @@ class TrainConfig:
         if bad:
             raise ValueError(f"{path}: unknown network settings under 'model': {sorted(bad)} "
                              f"(known: {sorted(ModelConfig.__dataclass_fields__)})")
-        return cls(**d)
+        cfg = cls(**d)
+        try:
+            cfg.validate()
+        except ValueError as exc:
+            raise ValueError(f"{path}: {exc}") from None
+        return cfg
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the first setting of a wrong type or outside its range."""
+        from dataclasses import fields
+
+        for f in fields(self):
+            v = getattr(self, f.name)
+            default = f.default if f.default is not MISSING else f.default_factory()
+            if v is None or default is None and f.name not in ("crop_size", "threads", "max_minutes"):
+                continue
+            kind = type(default) if default is not None else (float if f.name == "max_minutes" else int)
+            ok = (isinstance(v, bool) if kind is bool else
+                  isinstance(v, int) and not isinstance(v, bool) if kind is int else
+                  isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) if kind is float else
+                  isinstance(v, kind))
+            if not ok:
+                raise ValueError(f"{f.name} must be {kind.__name__}, got {v!r}")
+        positive = {"steps": 10_000_000, "batch_size": 1024, "val_every": 10_000_000, "tile_size": 8192,
+                    "crop_size": 8192, "threads": 1024}
+        for name, hi in positive.items():
+            v = getattr(self, name)
+            if v is not None and not 1 <= v <= hi:
+                raise ValueError(f"{name} must be in [1, {hi}], got {v!r}")
+        for name in ("lr", "mpp"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be above 0, got {getattr(self, name)!r}")
+        for name in ("val_fraction", "extra_share", "glass", "hide_class_fraction", "hide_mask_fraction", "low_res",
+                     "blur", "scale_jitter", "colour_jitter", "backbone_lr"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)!r}")
+        if not 0 <= self.overlap < self.tile_size:
+            raise ValueError(f"overlap must be in [0, tile_size), got {self.overlap!r}")
+        if self.max_minutes is not None and not self.max_minutes > 0:
+            raise ValueError(f"max_minutes must be above 0, got {self.max_minutes!r}")
+        if not all(isinstance(t, (int, float)) and 0 <= t <= 1 for t in self.score_thresholds):
+            raise ValueError(f"score_thresholds must be numbers in [0, 1], got {self.score_thresholds!r}")
+        if not all(isinstance(n, str) for n in self.val_names):
+            raise ValueError(f"val_names must be image names (strings), got {self.val_names!r}")
+        if self.class_names is not None and (not self.class_names or not all(
+                isinstance(n, str) and n for n in self.class_names)):
+            raise ValueError(f"class_names must be a list of names, got {self.class_names!r}")
+        ModelConfig(**{**self.model, "num_classes": len(self.class_names or ["x"]), "tile_size": self.tile_size}
+                    ).validate()
 
 
 CLASS_HEADS = ("roi_heads.box_predictor.", "roi_heads.mask_predictor.mask_fcn_logits.")
@@ -281,6 +329,11 @@ def _more_anchor_scales(old: torch.Tensor, new: torch.Tensor, src_cfg, path, key
 def split_names(names: list[str], cfg: TrainConfig) -> tuple[list[str], list[str]]:
     """Train/validation split by whole source image (CoNSeP tiles of one image stay together)."""
     if cfg.val_names:
+        known = set(names) | {_source(n) for n in names}
+        unknown = [n for n in cfg.val_names if n not in known]
+        if unknown:
+            raise ValueError(f"val_names: no image or source image named {unknown[:5]} in the data "
+                             f"(e.g. {sorted(names)[:3]})")
         val = [n for n in names if n in set(cfg.val_names) or _source(n) in set(cfg.val_names)]
         return [n for n in names if n not in set(val)], val
     sources = sorted({_source(n) for n in names})
@@ -438,7 +491,15 @@ def _dataset_pool(d: dict[str, Any], cfg: TrainConfig, class_names: list[str] | 
         for s in data.samples:
             s.classes = {int(i): 0 for i in np.unique(s.instances)[1:]}
     if d.get("split"):
-        split = json.loads(Path(d["split"]).read_text())
+        try:
+            split = json.loads(Path(d["split"]).read_text())
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"{d['split']}: cannot read the split file ({exc})") from None
+        if not isinstance(split, dict) or not all(
+                isinstance(split.get(k, []), list) and all(isinstance(n, str) for n in split.get(k, []))
+                for k in ("train", "val")):
+            raise ValueError(f"{d['split']}: a split file is {{\"train\": [names], \"val\": [names]}} "
+                             "with image names as strings")
         missing = [n for n in split.get("train", []) + split.get("val", []) if n not in by_name]
         if missing or "val" not in split:
             raise ValueError(f"{d['split']}: needs 'train' and 'val' lists of image names of {d['path']} "
@@ -617,6 +678,7 @@ def train(cfg: TrainConfig, log=print) -> dict:
     """
     from .inference import select_device
 
+    cfg.validate()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     dev = select_device(cfg.device, "bf16" if cfg.bf16 else "fp32")
