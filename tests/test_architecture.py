@@ -16,14 +16,14 @@ LAYERS = [
     {"slide"},
     {"tissue"},
     {"tiling"},
-    {"model", "stitching"},  # the network; the seam rule (torch-free)
+    {"model", "pretrained", "stitching"},  # the network and its ImageNet start; the seam rule (torch-free)
     {"inference"},
     {"outputs", "stats"},  # writers and slide statistics (torch-free)
     {"sink"},  # the writing side of a run (torch-free)
     {"pipeline"},
     {"batch"},
     {"datasets", "augment", "evaluation"},
-    {"training"},
+    {"training", "calibration"},
     {"cli"},
 ]
 
