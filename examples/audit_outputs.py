@@ -27,7 +27,7 @@ def audit(out: Path) -> dict:
     gj_path = next(out.glob(f"{stem}.geojson*"))
     opener = gzip.open if gj_path.suffix == ".gz" else open
     with opener(gj_path, "rt") as f:
-        polys = [shape(ft["geometry"]) for ft in json.load(f)["features"]]
+        polys = [shape(ft.get("nucleusGeometry", ft["geometry"])) for ft in json.load(f)["features"]]
     tree = STRtree(polys)
     dup = 0
     for i, j in zip(*tree.query(polys, predicate="intersects")):

@@ -37,10 +37,11 @@ def main() -> None:
     with opener(gj, "rt") as f:
         features = json.load(f)["features"]
     for feat in features:
-        ring = np.asarray(feat["geometry"]["coordinates"][0], np.float64)
+        ring = np.asarray(feat.get("nucleusGeometry", feat["geometry"])["coordinates"][0], np.float64)
         if ring[:, 0].max() < x or ring[:, 0].min() > x + w or ring[:, 1].max() < y or ring[:, 1].min() > y + h:
             continue
-        colour = tuple(int(c) for c in feat["properties"]["classification"]["color"])
+        cls = feat["properties"].get("classification")  # none: the class is uncertain (QuPath: unclassified)
+        colour = tuple(int(c) for c in cls["color"]) if cls else (160, 160, 160)
         pts = np.round((ring - (x, y)) * z * 4).astype(np.int32)  # 2 fractional bits for cv2's shift
         cv2.polylines(rgb, [pts], True, colour, 2, cv2.LINE_AA, shift=2)
     Path(args.png).parent.mkdir(parents=True, exist_ok=True)

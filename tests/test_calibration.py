@@ -102,7 +102,7 @@ def test_class_probabilities_in_the_table_geojson_and_statistics(tmp_path):
         row = by_uuid.loc[feat["id"]]
         props = feat["properties"]
         assert ("classification" not in props) == bool(row.class_uncertain)
-        assert abs(props["measurements"]["prob_immune"] - row.prob_immune) < 1e-4
+        assert abs(props["measurements"]["Class probability: immune"] - row.prob_immune) < 1e-4
     st = json.loads((out / "stats" / "summary.json").read_text())
     weighted = {c: v["probability_weighted_count"] for c, v in st["classes"].items()}
     assert abs(sum(weighted.values()) - len(t)) < 0.05 * len(t) + 1
@@ -121,7 +121,8 @@ def test_qupath_shows_uncertain_nuclei_unclassified(tmp_path):
     seen = json.loads(proc.stdout.splitlines()[-1])
     assert seen["ok"] and seen["invalid_rois"] == 0 and seen["objects"] == len(t)
     assert seen["by_class"].get("(none)", 0) == int(t.class_uncertain.sum())
-    assert {"prob_tumour", "prob_immune", "prob_stroma", "class_probability"} <= set(seen["measurement_names"])
+    assert {"Class probability: tumour", "Class probability: immune", "Class probability: stroma",
+            "Class probability"} <= set(seen["measurement_names"])
 
 
 def test_calibrate_command_fits_the_temperature_on_validation_classes(tmp_path, data_dir):

@@ -50,16 +50,22 @@ def check_outputs(out, stem, card_classes, level0_per_model_px, model_mpp, compa
     for f in feats:
         uuid.UUID(f["id"])
         props = f["properties"]
-        assert props["objectType"] == "detection"
+        cells = "nucleusGeometry" in f  # QuPath cells: the cell as geometry, the nucleus beside it
+        assert props["objectType"] == ("cell" if cells else "detection") and "nucleusGeometry" not in props
+        assert cells == (summary["settings"]["cell_expansion_px"] > 0)
         cls = props["classification"]
         assert set(cls) == {"name", "color"} and len(cls["color"]) == 3
         assert all(isinstance(v, (int, float)) and math.isfinite(v) for v in props["measurements"].values())
-        ring = f["geometry"]["coordinates"][0]
-        assert f["geometry"]["type"] == "Polygon" and ring[0] == ring[-1] and len(ring) >= 4
-        assert all(round(c, 2) == c for pt in ring for c in pt)
-        poly = shape(f["geometry"])
-        assert poly.is_valid
-        row = by_id.loc[props["measurements"]["nucleus_id"]]
+        nucleus = f["nucleusGeometry"] if cells else f["geometry"]
+        for geom in (f["geometry"], nucleus):
+            ring = geom["coordinates"][0]
+            assert geom["type"] == "Polygon" and ring[0] == ring[-1] and len(ring) >= 4
+            assert all(round(c, 2) == c for pt in ring for c in pt)
+            assert shape(geom).is_valid
+        poly = shape(nucleus)
+        if cells:  # the cell holds its nucleus
+            assert shape(f["geometry"]).buffer(0.5).contains(poly)
+        row = by_id.loc[props["measurements"]["Nucleus ID"]]
         assert row["uuid"] == f["id"] and row["class_name"] == cls["name"]
         # polygon and table agree on where the nucleus is (level-0 pixels)
         x0, y0, x1, y1 = poly.bounds
@@ -73,13 +79,14 @@ def check_outputs(out, stem, card_classes, level0_per_model_px, model_mpp, compa
     from ome_zarr_models.v05.image_label import ImageLabel
 
     Image.from_zarr(root)  # validates as OME-Zarr 0.5, labels included
-    for name in ("nuclei", "classes"):
+    names = ["nuclei", "classes"] + (["cells"] if summary["settings"]["cell_expansion_px"] > 0 else [])
+    for name in names:
         ImageLabel.from_zarr(root["labels"][name])
     colors = root["labels/classes"].attrs["ome"]["image-label"]["colors"]
     assert [c["label-value"] for c in colors] == list(range(1, len(card_classes) + 1))
     ome = root.attrs["ome"]
     assert ome["version"] == "0.5"
-    assert root["labels"].attrs["ome"]["labels"] == ["nuclei", "classes"]
+    assert root["labels"].attrs["ome"]["labels"] == names
     lab_meta = root["labels/nuclei"].attrs["ome"]
     axes = lab_meta["multiscales"][0]["axes"]
     assert [a["name"] for a in axes] == ["c", "y", "x"] and axes[1]["unit"] == "micrometer"
@@ -105,6 +112,13 @@ def check_outputs(out, stem, card_classes, level0_per_model_px, model_mpp, compa
         assert abs(cx - by_id.loc[i, "centroid_x_px"]) < 0.02 and abs(cy - by_id.loc[i, "centroid_y_px"]) < 0.02
     classes = root["labels/classes/0"][0]
     assert ((classes > 0) == (labels > 0)).all()
+    if "cells" in names:  # every nucleus pixel lies in its own cell, and the cell's area is the table's
+        cells = root["labels/cells/0"][0]
+        assert (cells[labels > 0] == labels[labels > 0]).all()
+        cids, ccounts = np.unique(cells[cells > 0], return_counts=True)
+        assert set(cids) == set(table["id"])
+        cell_areas = table.set_index("id")["cell_area_um2"] / model_mpp**2
+        assert all(abs(c - cell_areas[i]) <= 0.01 for i, c in zip(cids, ccounts))
     assert root["labels/classes"].attrs["ome"]["image-label"]["properties"][0]["class"] == card_classes[0]
     return summary, table, labels
 

@@ -191,10 +191,14 @@ def test_overlay_outlines_sit_on_the_nuclei(tmp_path):
     drawn = (over[:h] != preview).any(axis=2)
     assert (over[:h][drawn] == (220, 50, 50)).all()  # the class colour
     d = g.attrs["ome"]["multiscales"][0]["datasets"][0]["coordinateTransformations"][0]["scale"][1] / 0.25
+    # the nuclei's outlines as the GeoJSON gives them: each polygon (level-0 px = model px here) filled at the
+    # preview's scale, its boundary pixels
     edges = np.zeros((h, w), np.uint8)
     for f in json.loads((out / "s.geojson").read_text())["features"]:
-        ring = np.asarray(shape(f["geometry"]).exterior.coords) / d  # level-0 px (= model px here) -> preview
-        cv2.polylines(edges, [np.round(ring - 0.5).astype(np.int32)], True, 1)
+        ring = np.asarray(shape(f.get("nucleusGeometry", f["geometry"])).exterior.coords) / d
+        filled = np.zeros((h, w), np.uint8)
+        cv2.fillPoly(filled, [np.round((ring - 0.5) * 16).astype(np.int32)], 1, shift=4)
+        edges |= filled - cv2.erode(filled, np.ones((3, 3), np.uint8))
     dist = cv2.distanceTransform((1 - edges).astype(np.uint8), cv2.DIST_L2, 5)
     in_place = dist[drawn].mean()
     shifted = dist[np.roll(drawn, (1, 1), axis=(0, 1))].mean()

@@ -19,7 +19,7 @@ import numpy as np
 
 from .atomic import commit, discard, temporary_name
 from .card import ModelCard
-from .features import FEATURE_COLUMNS
+from .features import CELL_COLUMNS, FEATURE_COLUMNS
 from .stitching import Nucleus
 from .tiling import ReadPlan, Tile, TileGrid
 
@@ -32,11 +32,18 @@ def nucleus_uuid(slide_name: str, nucleus_id: int) -> str:
 
 
 # --------------------------------------------------------------------- polygons
-def mask_polygon(mask: np.ndarray, x0: int, y0: int, scale: float) -> list[list[float]] | None:
+SIMPLIFY_SLIDE_PX = 0.25
+SIMPLIFY_MAX_AREA_CHANGE = 0.01  # ... as long as the area stays within 1%
+
+
+def mask_polygon(mask: np.ndarray, x0: int, y0: int, scale: float,
+                 tolerance: float = SIMPLIFY_SLIDE_PX) -> list[list[float]] | None:
     """Closed outer ring of a boolean crop, in level-0 pixel-corner coordinates (y down), 2 decimals.
 
-    The ring runs through pixel-edge midpoints (marching squares at 0.5), so its
-    area is the pixel count less a small corner correction.
+    The ring runs through pixel-edge midpoints (marching squares at 0.5), so its area is the pixel count less
+    a small corner correction; it is then simplified (Douglas-Peucker, topology kept) within ``tolerance``
+    level-0 pixels, or a tighter one where that would change the area by more than 1%, and only ever into a
+    valid polygon (QuPath refuses a whole file for one invalid polygon). ``tolerance`` 0: not simplified.
     """
     import shapely
     from shapely.geometry import Polygon
@@ -59,12 +66,32 @@ def mask_polygon(mask: np.ndarray, x0: int, y0: int, scale: float) -> list[list[
     if poly.is_empty or poly.area <= 0 or poly.geom_type != "Polygon":
         return None
     poly = orient(poly, sign=1.0)
-    coords = np.round(shapely.get_coordinates(poly.exterior), 2).tolist()
+    coords = np.round(shapely.get_coordinates(poly.exterior), 2)
+    if tolerance > 0:
+        coords = _simplified(coords, tolerance)
+    coords = coords.tolist()
     if len(coords) < 4:
         return None
     if coords[0] != coords[-1]:
         coords.append(coords[0])
     return coords
+
+
+def _simplified(ring: np.ndarray, tolerance: float) -> np.ndarray:
+    """``ring`` simplified within ``tolerance`` (then 40%, 16% of it) where the result, rounded as written, is
+    a valid polygon of at least 4 points whose area is within 1% of the ring's; else ``ring`` itself."""
+    import shapely
+
+    area = float(shapely.area(shapely.polygons(ring)))
+    for tol in (tolerance, 0.4 * tolerance, 0.16 * tolerance):
+        simple = shapely.simplify(shapely.linearrings(ring), tol, preserve_topology=True)
+        pts = np.round(shapely.get_coordinates(simple), 2)
+        if len(pts) < 4:
+            continue
+        poly = shapely.polygons(pts)
+        if shapely.is_valid(poly) and abs(float(shapely.area(poly)) - area) <= SIMPLIFY_MAX_AREA_CHANGE * area:
+            return pts
+    return ring
 
 
 def prob_column(class_name: str) -> str:
@@ -89,10 +116,17 @@ def nucleus_record(n: Nucleus, plan: ReadPlan, slide_name: str, card: ModelCard)
     object is a nucleus (``prob_<class>``, calibrated), the most likely class's (``class_probability``) and
     ``class_uncertain``: that probability is below the card's ``class_min_probability``.
     """
-    from .features import nucleus_features
+    from .features import cell_features, nucleus_features
 
-    rgb = n.rgb if n.rgb is not None and n.rgb.shape[:2] == n.mask.shape else None
-    feats = nucleus_features(n.mask, rgb, plan.model_mpp)
+    rgb, have = n.pixels_over(n.box) or (None, None)
+    feats = nucleus_features(n.mask, rgb, plan.model_mpp, have)
+    if n.cell_mask is not None:
+        cx0, cy0, cx1, cy1 = n.cell_box
+        inner = np.zeros(n.cell_mask.shape, bool)
+        x0, y0, x1, y1 = n.box
+        inner[y0 - cy0 : y1 - cy0, x0 - cx0 : x1 - cx0] = n.mask
+        rgb, have = n.pixels_over(n.cell_box) or (None, None)
+        feats.update(cell_features(n.cell_mask, inner, rgb, plan.model_mpp, have))
     f = plan.level0_per_model_px
     cx, cy = n.centroid[0] * f, n.centroid[1] * f
     cls = card.classes[n.label] if 0 <= n.label < len(card.classes) else None
@@ -132,29 +166,85 @@ def _class_probabilities(n: Nucleus, card: ModelCard) -> dict:
 
 
 # ---------------------------------------------------------------------- GeoJSON
+# QuPath's names for the table's measurements (QuPath 0.6: qupath.lib.analysis.features.ObjectMeasurements for
+# shapes, WatershedCellDetection for the stain densities; "Detection probability" as its StarDist and InstanSeg
+# extensions write the detector's score); the table keeps snake_case names
+QUPATH_NAMES = {
+    "score": "Detection probability",
+    "area_um2": "Nucleus: Area µm^2",
+    "perimeter_um": "Nucleus: Length µm",
+    "circularity": "Nucleus: Circularity",
+    "solidity": "Nucleus: Solidity",
+    "max_diameter_um": "Nucleus: Max diameter µm",
+    "min_diameter_um": "Nucleus: Min diameter µm",
+    "hematoxylin_od": "Nucleus: Hematoxylin OD mean",
+    "eosin_od": "Nucleus: Eosin OD mean",
+    "eccentricity": "Nucleus: Eccentricity",
+    "equivalent_diameter_um": "Nucleus: Equivalent diameter µm",
+    "major_axis_um": "Nucleus: Major axis µm",
+    "minor_axis_um": "Nucleus: Minor axis µm",
+    "orientation_deg": "Nucleus: Orientation °",
+    "mean_r": "Nucleus: Red mean",
+    "mean_g": "Nucleus: Green mean",
+    "mean_b": "Nucleus: Blue mean",
+    "cell_area_um2": "Cell: Area µm^2",
+    "cell_perimeter_um": "Cell: Length µm",
+    "cell_circularity": "Cell: Circularity",
+    "cell_solidity": "Cell: Solidity",
+    "cell_max_diameter_um": "Cell: Max diameter µm",
+    "cell_min_diameter_um": "Cell: Min diameter µm",
+    "nucleus_cell_area_ratio": "Nucleus/Cell area ratio",
+    "cell_hematoxylin_od": "Cell: Hematoxylin OD mean",
+    "cell_eosin_od": "Cell: Eosin OD mean",
+    "cytoplasm_hematoxylin_od": "Cytoplasm: Hematoxylin OD mean",
+    "cytoplasm_eosin_od": "Cytoplasm: Eosin OD mean",
+    "class_probability": "Class probability",
+    "centroid_x_um": "Centroid X µm",
+    "centroid_y_um": "Centroid Y µm",
+    "id": "Nucleus ID",
+}
+
+
+def qupath_measurements(record: dict, card: ModelCard) -> dict[str, float]:
+    """A table record's measurements under QuPath's names (finite numbers only, as QuPath keeps them)."""
+    out = {}
+    for key, name in QUPATH_NAMES.items():
+        v = record.get(key)
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+            out[name] = v
+    if len(card.classes) > 1:
+        for c in card.classes:
+            v = record.get(prob_column(c.name))
+            if isinstance(v, (int, float)) and math.isfinite(v):
+                out[f"Class probability: {c.name}"] = v
+    return out
+
+
 def geojson_feature(n: Nucleus, record: dict, plan: ReadPlan, card: ModelCard) -> str | None:
-    """A nucleus as a QuPath detection (compact JSON text), with its table record's measurements."""
-    coords = mask_polygon(n.mask, n.box[0], n.box[1], plan.level0_per_model_px)
+    """A nucleus as a QuPath detection, or with its cell as a QuPath cell (the cell as ``geometry``, the
+    nucleus as ``nucleusGeometry`` beside it, where QuPath reads it), with its measurements under QuPath's
+    names (compact JSON text)."""
+    f = plan.level0_per_model_px
+    coords = mask_polygon(n.mask, n.box[0], n.box[1], f)
     if coords is None:
         return None
+    cell = None
+    if n.cell_mask is not None:
+        cell = mask_polygon(n.cell_mask, n.cell_box[0], n.cell_box[1], f)
     cls = card.classes[n.label] if 0 <= n.label < len(card.classes) else None
-    measurements = {"nucleus_id": n.id}
-    measurements.update({k: record[k] for k in MEASUREMENT_COLUMNS if k in record})
-    measurements.update({k: record[k] for k in class_columns(card) if k != "class_uncertain" and k in record})
-    measurements = {k: v for k, v in measurements.items()
-                    if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
-    properties: dict = {"objectType": "detection"}
+    properties: dict = {"objectType": "cell" if cell is not None else "detection"}
     if not record.get("class_uncertain", False):  # QuPath shows an object without one as unclassified
         properties["classification"] = {"name": cls.name if cls else "unknown",
                                         "color": list(cls.color) if cls else [128, 128, 128]}
-    properties["measurements"] = measurements
-    feature = {
-        "type": "Feature",
-        "id": record["uuid"],
-        "geometry": {"type": "Polygon", "coordinates": [coords]},
-        "properties": properties,
-    }
-    return json.dumps(feature, separators=(",", ":"))
+    properties["measurements"] = qupath_measurements(record, card)
+    feature = {"type": "Feature", "id": record["uuid"]}
+    if cell is not None:
+        feature["geometry"] = {"type": "Polygon", "coordinates": [cell]}
+        feature["nucleusGeometry"] = {"type": "Polygon", "coordinates": [coords]}
+    else:
+        feature["geometry"] = {"type": "Polygon", "coordinates": [coords]}
+    feature["properties"] = properties
+    return json.dumps(feature, separators=(",", ":"), ensure_ascii=False)
 
 
 class GeoJSONWriter:
@@ -205,7 +295,12 @@ class GeoJSONWriter:
 TABLE_COLUMNS = ["id", "uuid", "centroid_x_px", "centroid_y_px", "centroid_x_um", "centroid_y_um", "area_um2",
                  "class_id", "class_name", "score", "bbox_x0_px", "bbox_y0_px", "bbox_x1_px", "bbox_y1_px",
                  *FEATURE_COLUMNS]
-MEASUREMENT_COLUMNS = ["score", "area_um2", "centroid_x_um", "centroid_y_um", *FEATURE_COLUMNS]
+
+
+def extra_columns(card: ModelCard, cells: bool) -> list[str]:
+    """The table's columns beyond ``TABLE_COLUMNS``: class probabilities (a model with several classes) and
+    the cell's measurements (with cells)."""
+    return class_columns(card) + (list(CELL_COLUMNS) if cells else [])
 
 
 class TableWriter:
@@ -216,13 +311,13 @@ class TableWriter:
     many nuclei a slide has.
     """
 
-    def __init__(self, path: str | os.PathLike, batch: int = 50_000, class_cols: list[str] | tuple = ()):
+    def __init__(self, path: str | os.PathLike, batch: int = 50_000, extra_cols: list[str] | tuple = ()):
         self.path = Path(path)
         self.tmp = temporary_name(self.path)
         self.batch = batch
         self.count = 0
         self.kind = "csv" if self.path.suffix == ".csv" else "parquet"
-        self.class_cols = list(class_cols)
+        self.class_cols = list(extra_cols)
         self._writer = None
         if self.kind == "csv":
             self._fh = open(self.tmp, "w", newline="", encoding="utf-8")
@@ -407,7 +502,7 @@ class ZarrWriter:
     """
 
     def __init__(self, path: str | os.PathLike, grid: TileGrid, plan: ReadPlan, card: ModelCard, slide_name: str,
-                 chunk: int = 512, image_downsample: int = 4):
+                 chunk: int = 512, image_downsample: int = 4, cells: bool = False):
         import zarr
         from zarr.codecs import BloscCodec
 
@@ -437,6 +532,11 @@ class ZarrWriter:
         self.classes = [self.classes_grp.create_array(
             str(i), shape=(1, max(1, H >> i), max(1, W >> i)), chunks=(1, chunk, chunk), dtype="uint8",
             fill_value=0, compressors=comp, dimension_names=("c", "y", "x")) for i in range(self.label_levels)]
+        self.cells_grp = labels.create_group("cells") if cells else None
+        self.cells = [self.cells_grp.create_array(
+            str(i), shape=(1, max(1, H >> i), max(1, W >> i)), chunks=(1, chunk, chunk), dtype="uint32",
+            fill_value=0, compressors=comp, dimension_names=("c", "y", "x")) for i in range(self.label_levels)] \
+            if cells else []
         self._pos = {(t.row, t.col): t for t in grid.tiles}
         # cells whose core is painted: every tile's, and the tissue-free cores beside them, which the nuclei
         # of a tile may reach
@@ -446,6 +546,7 @@ class ZarrWriter:
         cores = [self._core(rc) for rc in sorted(self._cells)]
         self._ids_out = ChunkBuffer(self.nuclei[0], cores)
         self._cls_out = ChunkBuffer(self.classes[0], cores)
+        self._cell_out = ChunkBuffer(self.cells[0], cores) if cells else None
         self._preview_out = ChunkBuffer(self.images[0], [self._preview_rect(t) for t in grid.tiles])
         self._done: set[tuple[int, int]] = set()
         self._painted: set[tuple[int, int]] = set()
@@ -517,6 +618,17 @@ class ZarrWriter:
             cls[iy0 - y0 : iy1 - y0, ix0 - x0 : ix1 - x0][free] = n.label + 1
         self._ids_out.write((y0, x0, y1, x1), ids[None])
         self._cls_out.write((y0, x0, y1, x1), cls[None])
+        if self._cell_out is not None:  # cells are disjoint: each pixel gets at most one
+            cell_ids = np.zeros((y1 - y0, x1 - x0), np.uint32)
+            for n in cands:
+                if n.cell_mask is None:
+                    continue
+                bx0, by0, bx1, by1 = n.cell_box
+                ix0, iy0, ix1, iy1 = max(bx0, x0), max(by0, y0), min(bx1, x1), min(by1, y1)
+                if ix1 > ix0 and iy1 > iy0:
+                    m = n.cell_mask[iy0 - by0 : iy1 - by0, ix0 - bx0 : ix1 - bx0]
+                    cell_ids[iy0 - y0 : iy1 - y0, ix0 - x0 : ix1 - x0][m] = n.id
+            self._cell_out.write((y0, x0, y1, x1), cell_ids[None])
         self._painted.add(rc)
 
     def _pyramid(self, arrays: list, mode: str) -> None:
@@ -546,11 +658,14 @@ class ZarrWriter:
         missing = [rc for rc in self._cells if rc not in self._painted]
         if missing:
             raise RuntimeError(f"{len(missing)} tiles were never completed; the label image would be incomplete")
-        for buf in (self._ids_out, self._cls_out, self._preview_out):
-            buf.close()
+        for buf in (self._ids_out, self._cls_out, self._preview_out, self._cell_out):
+            if buf is not None:
+                buf.close()
         self._pyramid(self.images, "area")
         self._pyramid(self.nuclei, "nearest")
         self._pyramid(self.classes, "nearest")
+        if self.cells:
+            self._pyramid(self.cells, "nearest")
         mpp = self.plan.model_mpp
         self.root.attrs["ome"] = {
             "version": "0.5",
@@ -563,7 +678,14 @@ class ZarrWriter:
         }
         self.root.attrs["wsiseg"] = {"slide": self.slide_name, "model": self.card.name,
                                      "level0_per_label_px": self.plan.level0_per_model_px}
-        self.root["labels"].attrs["ome"] = {"version": "0.5", "labels": ["nuclei", "classes"]}
+        self.root["labels"].attrs["ome"] = {"version": "0.5",
+                                            "labels": ["nuclei", "classes"] + (["cells"] if self.cells else [])}
+        if self.cells_grp is not None:
+            self.cells_grp.attrs["ome"] = {
+                "version": "0.5",
+                "multiscales": _multiscales("cells", self.label_levels, mpp, 1, "nearest"),
+                "image-label": {"version": "0.5", "source": {"image": "../../"}},
+            }
         self.nuclei_grp.attrs["ome"] = {
             "version": "0.5",
             "multiscales": _multiscales("nuclei", self.label_levels, mpp, 1, "nearest"),

@@ -47,6 +47,7 @@ class SegmentOptions:
     stats: bool = True
     density_cell_um: float = 100.0
     min_area_um2: float | None = None  # default: the model card's
+    cell_expansion_um: float = 5.0  # each nucleus grows by this distance into its cell (QuPath's default); 0: none
 
 
 log = logging.getLogger("wsiseg")
@@ -144,7 +145,13 @@ def _writer_spec(slide_path: Path, slide, sp, tissue_mm2: float, predictor: Pred
                  "tissue_area_mm2": round(tissue_mm2, 5), "model": card.name,
                  "model_mpp": sp.plan.model_mpp, "started": started, "classes": _classes(card),
                  "tissue_mask": sp.tissue.mask, "tissue_downsample": sp.tissue.downsample}
+    from .cells import expansion_px
+
+    cell_px = expansion_px(o.cell_expansion_um, sp.plan.model_mpp, sp.grid)
+    whole = sp.tissue.source == "whole slide" or bool(sp.tissue.mask.all())
     return WriterSpec(tmp_dir=tmp_dir, stem=slide_path.stem, grid=sp.grid, plan=sp.plan, slide_name=slide_path.name,
+                      cell_px=cell_px, tissue_mask=None if whole else sp.tissue.mask,
+                      tissue_downsample=sp.tissue.downsample,
                       card=card, zarr=o.zarr, zarr_image_downsample=o.zarr_image_downsample, geojson=o.geojson,
                       table=o.table, on_oversize=o.on_oversize,
                       score_threshold=predictor.score_threshold, mask_threshold=predictor.mask_threshold,
@@ -290,5 +297,7 @@ def _run(slide_path: Path, predictor: Predictor, tmp_dir: Path, o: SegmentOption
                      "nms_threshold": card.config.nms_thresh, "tile_size": sp.grid.tile_size, "overlap": overlap,
                      "batch_size": o.batch_size, "mpp_given": o.mpp, "force_mpp": o.force_mpp, "tissue": o.tissue,
                      "on_oversize": o.on_oversize, "backend": o.backend, "writer_workers": written.get("writer_workers", 1),
-                     "min_area_um2": spec.min_area_um2},
+                     "min_area_um2": spec.min_area_um2,
+                     "cell_expansion_um": o.cell_expansion_um if spec.cell_px else 0.0,
+                     "cell_expansion_px": spec.cell_px},
     }

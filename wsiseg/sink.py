@@ -31,10 +31,11 @@ from .outputs import (
     GeoJSONWriter,
     TableWriter,
     ZarrWriter,
-    class_columns,
+    extra_columns,
     geojson_feature,
     nucleus_record,
 )
+from .cells import CellGrower
 from .stitching import Stitcher, min_area_px
 from .tiling import ReadPlan, Tile, TileGrid
 from .timing import Timer
@@ -62,6 +63,9 @@ class WriterSpec:
     region_wkb: bytes | None = None  # keep only nuclei whose centroid lies in these level-0 polygons
     min_area_um2: float = 0.0  # smaller objects are dropped (and counted)
     workers: int = 1  # processes that finish detections and measure nuclei (1: all in the writer itself)
+    cell_px: int = 0  # each nucleus grown by this many model pixels into its cell (0: no cells)
+    tissue_mask: np.ndarray | None = None  # cells stay in the analysed tissue: this mask, one pixel ...
+    tissue_downsample: float = 1.0  # ... this many level-0 pixels wide (None mask: the whole slide)
 
 
 def _describe(nuclei: list, plan: ReadPlan, slide_name: str, card: ModelCard, geojson: bool) -> list:
@@ -71,6 +75,30 @@ def _describe(nuclei: list, plan: ReadPlan, slide_name: str, card: ModelCard, ge
         rec = nucleus_record(n, plan, slide_name, card)
         out.append((rec, geojson_feature(n, rec, plan, card) if geojson else None))
     return out
+
+
+def _inside(spec: WriterSpec):
+    """Whether model-pixel centres lie in the analysed tissue: inside the user's region (exactly), or on the
+    tissue mask; None where the whole slide is analysed."""
+    f = spec.plan.level0_per_model_px
+    if spec.region_wkb is not None:
+        import shapely
+
+        region = shapely.from_wkb(spec.region_wkb)
+        shapely.prepare(region)
+        return lambda xs, ys: shapely.contains_xy(region, xs * f, ys * f)
+    mask = spec.tissue_mask
+    if mask is None or mask.all():
+        return None
+    k = f / spec.tissue_downsample  # mask pixels per model pixel
+    h, w = mask.shape
+
+    def inside(xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
+        mx = np.clip((xs * k).astype(np.int64), 0, w - 1)
+        my = np.clip((ys * k).astype(np.int64), 0, h - 1)
+        return mask[my, mx]
+
+    return inside
 
 
 class _Inline:
@@ -109,18 +137,20 @@ class SlideWriter:
         try:
             if spec.zarr:
                 self.zw = ZarrWriter(spec.tmp_dir / f"{spec.stem}.ome.zarr", spec.grid, spec.plan, spec.card, spec.slide_name,
-                                     image_downsample=spec.zarr_image_downsample)
+                                     image_downsample=spec.zarr_image_downsample, cells=spec.cell_px > 0)
                 self.writers.append(self.zw)
             if spec.geojson != "none":
                 self.gj = GeoJSONWriter(spec.tmp_dir / f"{spec.stem}.{spec.geojson}", spec.plan, spec.card)
                 self.writers.append(self.gj)
-            self.tw = TableWriter(spec.tmp_dir / f"{spec.stem}.nuclei.{spec.table}", class_cols=class_columns(spec.card))
+            self.tw = TableWriter(spec.tmp_dir / f"{spec.stem}.nuclei.{spec.table}",
+                                  extra_cols=extra_columns(spec.card, spec.cell_px > 0))
             self.writers.append(self.tw)
         except BaseException:
             self.abort()
             raise
         self.stitcher = Stitcher(spec.grid, on_oversize=spec.on_oversize,
-                                 min_area=min_area_px(spec.min_area_um2, spec.plan.model_mpp))
+                                 min_area=min_area_px(spec.min_area_um2, spec.plan.model_mpp), rgb_margin=spec.cell_px)
+        self.grower = CellGrower(spec.grid, spec.cell_px, _inside(spec)) if spec.cell_px > 0 else None
         self.region = None
         self.outside_region = 0
         self.next_id = 1
@@ -177,14 +207,20 @@ class SlideWriter:
             self._write(drain=False)
         self._write(drain)
 
-    def _measure(self, final: list) -> None:
-        """Number the nuclei of tiles that became final and have them measured and outlined."""
-        s = self.spec
+    def _measure(self, final: list, closing: bool = False) -> None:
+        """Number the nuclei of tiles that became final, grow their cells (once their neighbours' nuclei are
+        final too), and have them measured and outlined."""
+        ready = []
         for tile, nuclei in final:
             kept = self._in_region(nuclei)
             for n in kept:
                 n.id = self.next_id  # numbered after the region filter: ids run 1..N
                 self.next_id += 1
+            ready += self.grower.add(tile, kept) if self.grower is not None else [(tile, kept)]
+        if closing and self.grower is not None:
+            ready += self.grower.close()
+        s = self.spec
+        for tile, kept in ready:
             job = self.pool.submit(_describe, kept, s.plan, s.slide_name, s.card, self.gj is not None)
             self.describing.append((tile, kept, job))
 
@@ -208,7 +244,7 @@ class SlideWriter:
         """Finish every output; returns their paths, the counts and the stage timings."""
         t0 = time.perf_counter()
         self._advance(drain=True)
-        self._measure(self.stitcher.close())
+        self._measure(self.stitcher.close(), closing=True)
         self._write(drain=True)
         self.pool.shutdown()
         outputs = {}

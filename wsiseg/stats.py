@@ -31,8 +31,14 @@ RANGES: dict[str, tuple[float, float]] = {
     "solidity": (0.0, 1.0), "circularity": (0.0, 1.0), "orientation_deg": (-90.0, 90.0),
     "mean_r": (0.0, 255.0), "mean_g": (0.0, 255.0), "mean_b": (0.0, 255.0),
     "hematoxylin_od": (0.0, 2.0), "eosin_od": (0.0, 2.0), "score": (0.0, 1.0),
+    "max_diameter_um": (0.0, 60.0), "min_diameter_um": (0.0, 50.0),
+    # cells (with cell expansion on)
+    "cell_area_um2": (0.0, 1500.0), "nucleus_cell_area_ratio": (0.0, 1.0), "cell_eosin_od": (0.0, 2.0),
+    "cytoplasm_eosin_od": (0.0, 2.0), "cytoplasm_hematoxylin_od": (0.0, 2.0),
 }
-STAT_FEATURES = ["area_um2", *FEATURE_COLUMNS, "score"]
+CELL_STAT_FEATURES = ["cell_area_um2", "nucleus_cell_area_ratio", "cell_eosin_od", "cytoplasm_hematoxylin_od",
+                      "cytoplasm_eosin_od"]
+STAT_FEATURES = ["area_um2", *FEATURE_COLUMNS, "score", *CELL_STAT_FEATURES]
 
 
 @dataclass
@@ -175,7 +181,9 @@ class SlideStats:
             "density_per_mm2": total / self.tissue_area_mm2 if self.tissue_area_mm2 else None,
             "nuclei_outside_tissue_cells": self.outside_tissue(),
             "classes": per_class,
-            "features": {c: {f: a.summary() for f, a in feats.items()} for c, feats in self.acc.items()},
+            # (features the table has: cell measurements only with cells)
+            "features": {c: {f: a.summary() for f, a in feats.items() if self.acc["all"][f].n}
+                         for c, feats in self.acc.items()},
         }
 
 

@@ -88,6 +88,24 @@ class Nucleus:
     rgb: np.ndarray | None = field(default=None, repr=False)  # the tile's pixels over ``box``
     key: tuple = field(default=(), repr=False)
     probs: np.ndarray | None = field(default=None, repr=False)  # P(class | nucleus); None: one class
+    rgb_box: tuple[int, int, int, int] | None = field(default=None, repr=False)  # where ``rgb`` lies, if not ``box``
+    cell_box: tuple[int, int, int, int] | None = field(default=None, repr=False)  # the cell (wsiseg.cells)
+    cell_mask: np.ndarray | None = field(default=None, repr=False)
+
+    def pixels_over(self, box: tuple[int, int, int, int]) -> tuple[np.ndarray, np.ndarray] | None:
+        """The tile pixels this nucleus carries over ``box`` (RGB, zero where it carries none) and where it
+        carries them; None without pixels."""
+        if self.rgb is None:
+            return None
+        rx0, ry0, rx1, ry1 = self.rgb_box or self.box
+        x0, y0, x1, y1 = box
+        out = np.zeros((y1 - y0, x1 - x0, 3), np.uint8)
+        have = np.zeros((y1 - y0, x1 - x0), bool)
+        ix0, iy0, ix1, iy1 = max(x0, rx0), max(y0, ry0), min(x1, rx1), min(y1, ry1)
+        if ix1 > ix0 and iy1 > iy0:
+            out[iy0 - y0 : iy1 - y0, ix0 - x0 : ix1 - x0] = self.rgb[iy0 - ry0 : iy1 - ry0, ix0 - rx0 : ix1 - rx0]
+            have[iy0 - y0 : iy1 - y0, ix0 - x0 : ix1 - x0] = True
+        return out, have
 
     @property
     def area(self) -> int:
@@ -150,7 +168,8 @@ class Stitcher:
     """Turns per-tile detections into slide nuclei, streaming: ``add`` each tile (in any order), then
     ``close``; both return the nuclei that became final, numbered 1, 2, ... in tile index order."""
 
-    def __init__(self, grid: TileGrid, on_oversize: str = "error", iou: float = 0.3, min_area: int = 1):
+    def __init__(self, grid: TileGrid, on_oversize: str = "error", iou: float = 0.3, min_area: int = 1,
+                 rgb_margin: int = 0):
         if on_oversize not in ("error", "drop"):
             raise ValueError("on_oversize must be 'error' or 'drop'")
         if 2 * grid.overlap > grid.tile_size:
@@ -160,6 +179,7 @@ class Stitcher:
         self.on_oversize = on_oversize
         self.iou = iou
         self.min_area = max(1, int(min_area))
+        self.rgb_margin = max(0, int(rgb_margin))  # pixels kept around each nucleus, for its cell's colour
         self.next_id = 1
         self.dropped_oversize = 0
         self.dropped_small = 0
@@ -217,12 +237,16 @@ class Stitcher:
                                            (tile.x + tile.size - cx, right), (tile.y + tile.size - cy, bottom))
                      if interior]
             depth = round(min(edges), 3) if edges else float(tile.size)
-            rgb = None
+            rgb, rgb_box = None, None
             if pixels is not None:
-                rgb = pixels[by0:by1, bx0:bx1].copy()
+                g = self.rgb_margin
+                rx0, ry0 = max(0, bx0 - g), max(0, by0 - g)
+                rx1, ry1 = min(pixels.shape[1], bx1 + g), min(pixels.shape[0], by1 + g)
+                rgb = pixels[ry0:ry1, rx0:rx1].copy()
+                rgb_box = (tile.x + rx0, tile.y + ry0, tile.x + rx1, tile.y + ry1) if g else None
             out.append(Nucleus(0, (gx0, gy0, tile.x + bx1, tile.y + by1), m, int(det.labels[i]),
                                float(det.scores[i]), (cx, cy), tile.index, rgb,
-                               (own, depth, float(det.scores[i]), -tile.index, -i), det.probs_of(i)))
+                               (own, depth, float(det.scores[i]), -tile.index, -i), det.probs_of(i), rgb_box))
         return out, cut_own
 
     def _oversize(self, c: Nucleus) -> None:
@@ -302,10 +326,10 @@ class Stitcher:
                 ys, xs = np.nonzero(mask)
                 y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
                 bx, by = d.box[0], d.box[1]
-                rgb = d.rgb[y0:y1, x0:x1] if d.rgb is not None else None
+                rgb = d.rgb if d.rgb is None or d.rgb_box is not None else d.rgb[y0:y1, x0:x1]
                 d = Nucleus(0, (bx + int(x0), by + int(y0), bx + int(x1), by + int(y1)), mask[y0:y1, x0:x1],
                             d.label, d.score, mask_centroid(mask[y0:y1, x0:x1], bx + x0, by + y0), d.tile, rgb,
-                            d.key, d.probs)
+                            d.key, d.probs, d.rgb_box)
             out.append(d)
         for n in out:
             n.id = self.next_id
