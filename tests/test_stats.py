@@ -120,8 +120,13 @@ def test_stats_of_a_segment_run(tmp_path):
     area = s["features"]["all"]["area_um2"]
     assert 12 < area["q05"] and area["q95"] < 66
     assert s["features"]["all"]["hematoxylin_od"]["q50"] > 0.5  # dark purple nuclei
+    # cells (on by default, 5 µm): each larger than its nucleus, the ratio below 1, per class too
+    cell = s["features"]["nucleus"]
+    assert cell["cell_area_um2"]["q50"] > 2 * area["q50"] and 0 < cell["nucleus_cell_area_ratio"]["q50"] < 0.6
+    assert cell["cell_area_um2"]["count"] == run["nuclei"]
     html = (stats_dir / "report.html").read_text()
     assert "Summary by class" in html and html.count("data:image/png;base64") == 3
+    assert "cell_area_um2_q50" in html
     # the CLI recomputes the same summary from the folder alone
     proc = subprocess.run([sys.executable, "-m", "wsiseg.cli", "stats", str(out), "--density-cell-um", "50"],
                           capture_output=True, text=True, timeout=120)

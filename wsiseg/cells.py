@@ -2,12 +2,14 @@
 
 **Rule.** With ``R`` the expansion in model pixels, a pixel ``p`` belongs to the cell of nucleus ``n`` when
 ``d(p, n) <= R`` (Euclidean distance between pixel centres, to the nearest pixel of ``n``) and no other nucleus
-is nearer, a tie going to the nucleus with the smaller id; and ``p`` lies in the analysed tissue (or region)
+is nearer, a tie going to the nucleus that comes first in reading order (``tie_key``: its centroid's y,
+then x); and ``p`` lies in the analysed tissue (or region)
 and in the image. A nucleus's own pixels always belong to its cell; of what remains, the cell keeps the part
 connected to its nucleus.
 
-**Properties.** The rule reads only the final nuclei (their pixels and ids), never the order in which tiles
-arrive, so cells are the same in any tile order or split of a slide into parts; cells are disjoint (a pixel
+**Properties.** The rule reads only the final nuclei (their pixels and centroids; not even their ids, which
+depend on the tiling), never the order in which tiles arrive, so cells are the same in any tile order, tiling
+or split of a slide into parts; cells are disjoint (a pixel
 has one nearest nucleus under the tie rule), and a cell lies within ``R`` of its nucleus. Deciding ``p`` needs
 the nuclei within ``R`` of it, so a cell needs the nuclei within ``2R`` of its nucleus: those of the tiles
 whose windows come that near (``CellGrower`` waits for them). Distances are computed exactly inside a window
@@ -51,6 +53,12 @@ def expansion_px(distance_um: float, model_mpp: float, grid: TileGrid) -> int:
     return r
 
 
+def tie_key(n: Nucleus) -> tuple[float, float, int]:
+    """Which of two equally near nuclei takes a pixel: the one whose centroid comes first, top to bottom, then
+    left to right (two final nuclei never share a centroid; the id settles it if they did)."""
+    return (n.centroid[1], n.centroid[0], n.id)
+
+
 def grow_cell(n: Nucleus, candidates: list[Nucleus], r: int, width: int, height: int,
               inside: Inside | None = None) -> tuple[tuple[int, int, int, int], np.ndarray]:
     """The cell of ``n`` (box, boolean crop over it) among ``candidates`` (every final nucleus whose box
@@ -61,31 +69,30 @@ def grow_cell(n: Nucleus, candidates: list[Nucleus], r: int, width: int, height:
     vx0, vy0 = max(0, x0 - 2 * r), max(0, y0 - 2 * r)
     vx1, vy1 = min(width, x1 + 2 * r), min(height, y1 + 2 * r)
     shape = (vy1 - vy0, vx1 - vx0)
-    lab = np.zeros(shape, np.int64)
-    others = []
-    for m in candidates:
-        if m.id == n.id:
-            continue
+    lab = np.zeros(shape, np.int64)  # the others' pixels, as 1 + their rank in tie order
+    others = sorted((m for m in candidates if m.id != n.id), key=tie_key)
+    mine = sum(tie_key(m) < tie_key(n) for m in others)  # n's rank among them all
+    for k, m in enumerate(others):
+        rank = k + (k >= mine)
         bx0, by0, bx1, by1 = m.box
         ix0, iy0, ix1, iy1 = max(bx0, vx0), max(by0, vy0), min(bx1, vx1), min(by1, vy1)
         if ix1 <= ix0 or iy1 <= iy0:
             continue
         sub = m.mask[iy0 - by0 : iy1 - by0, ix0 - bx0 : ix1 - bx0]
-        lab[iy0 - vy0 : iy1 - vy0, ix0 - vx0 : ix1 - vx0][sub] = m.id
-        others.append(m)
+        lab[iy0 - vy0 : iy1 - vy0, ix0 - vx0 : ix1 - vx0][sub] = rank + 1
     own = np.zeros(shape, bool)
     own[y0 - vy0 : y1 - vy0, x0 - vx0 : x1 - vx0] = n.mask
     d_own = ndimage.distance_transform_edt(~own)
     cell = d_own <= r
-    if others:
+    if (lab > 0).any():
         d_other, (iy, ix) = ndimage.distance_transform_edt(lab == 0, return_indices=True)
         nearest = lab[iy, ix]
-        cell &= (d_own < d_other) | ((d_own == d_other) & (n.id < nearest))
+        cell &= (d_own < d_other) | ((d_own == d_other) & (mine + 1 < nearest))
         ties = cell & (d_own == d_other)
-        if ties.any():  # several others at the same distance: the smallest id among them all decides
-            for m in others:
-                if m.id < n.id:
-                    d_m = ndimage.distance_transform_edt(lab != m.id)
+        if ties.any():  # several others at the same distance: the first in tie order among them all decides
+            for k in range(mine):
+                if (lab == k + 1).any():
+                    d_m = ndimage.distance_transform_edt(lab != k + 1)
                     cell &= ~(ties & (d_m == d_own))
     if inside is not None:
         ys, xs = np.nonzero(cell & ~own)

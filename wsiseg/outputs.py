@@ -166,13 +166,13 @@ def _class_probabilities(n: Nucleus, card: ModelCard) -> dict:
 
 
 # ---------------------------------------------------------------------- GeoJSON
-# QuPath's names for the table's measurements (QuPath 0.6: qupath.lib.analysis.features.ObjectMeasurements for
-# shapes, WatershedCellDetection for the stain densities; "Detection probability" as its StarDist and InstanSeg
-# extensions write the detector's score); the table keeps snake_case names
+# QuPath's names for the table's measurements: perimeters as its cell detection (WatershedCellDetection) writes
+# them, the other shape features as qupath.lib.analysis.features.ObjectMeasurements does, "Detection
+# probability" as its StarDist and InstanSeg extensions write a detector's score; the table keeps snake_case
 QUPATH_NAMES = {
     "score": "Detection probability",
     "area_um2": "Nucleus: Area µm^2",
-    "perimeter_um": "Nucleus: Length µm",
+    "perimeter_um": "Nucleus: Perimeter µm",
     "circularity": "Nucleus: Circularity",
     "solidity": "Nucleus: Solidity",
     "max_diameter_um": "Nucleus: Max diameter µm",
@@ -188,7 +188,7 @@ QUPATH_NAMES = {
     "mean_g": "Nucleus: Green mean",
     "mean_b": "Nucleus: Blue mean",
     "cell_area_um2": "Cell: Area µm^2",
-    "cell_perimeter_um": "Cell: Length µm",
+    "cell_perimeter_um": "Cell: Perimeter µm",
     "cell_circularity": "Cell: Circularity",
     "cell_solidity": "Cell: Solidity",
     "cell_max_diameter_um": "Cell: Max diameter µm",

@@ -546,6 +546,8 @@ def _report_html(run: dict, summary: dict, rows: list[dict], images: dict[str, b
             "circularity_q50", "eccentricity_q50", "hematoxylin_od_q50", "eosin_od_q50"]
     if any("probability_weighted_count" in r for r in rows):  # beside the most-likely-class counts
         cols[2:2] = ["probability_weighted_count", "class_uncertain"]
+    if any("cell_area_um2_q50" in r for r in rows):  # with cells: the cell around each nucleus
+        cols += ["cell_area_um2_q50", "nucleus_cell_area_ratio_q50", "cytoplasm_eosin_od_q50"]
     head = "".join(f"<th>{escape(c)}</th>" for c in cols)
     body = ""
     for r in rows:
