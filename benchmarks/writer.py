@@ -2,13 +2,14 @@
 post-processing, stitching and every writer, and report how fast one process goes and where the time goes.
 
     python benchmarks/writer.py [--slide examples/CMU-1-Small-Region.svs] [--model M]
-                                [--processes 1 2] [--workers 1 2] [--out benchmarks/results/writer.json]
+                                [--processes 1 2] [--workers 1 2] [--cell-expansion 5] [--out benchmarks/results/writer.json]
 
 The model runs once over the slide's tiles and its raw outputs (boxes, scores, classes, mask probabilities)
 and the tiles' pixels are kept in memory; then each replay feeds them, in batches as the pipeline does, to a
 :class:`wsiseg.sink.SlideWriter` writing into a temporary folder. Reported per process: tiles/s, nuclei/s and
 the seconds of each stage (post-processing with mask pasting, stitching, writing: records with features,
-polygons and GeoJSON, the table, Zarr painting; then closing: pyramid, preview and statistics). With several
+polygons and GeoJSON, the table, Zarr painting; then closing: pyramid, preview and statistics). Cells are grown
+as ``segment`` grows them (``--cell-expansion``, µm; 0: nuclei only). With several
 ``--processes`` the replay runs that many times at once, one per process, as independent slides would (the
 machine's capacity for the writing side). With ``--workers`` one slide is replayed through a SlideWriter with
 that many pool processes (finishing detections, measuring and outlining nuclei), as a GPU run does.
@@ -57,14 +58,17 @@ def record(slide_path: str, model: str, batch: int = 4):
 
 def replay(args) -> dict:
     """One replay through a SlideWriter; returns its counts and stage timings."""
-    sp, card, score_t, mask_t, tiles, pixels, raws, slide_info, batch, *rest = args
+    sp, card, score_t, mask_t, tiles, pixels, raws, slide_info, batch, cell_um, *rest = args
     workers = rest[0] if rest else 1
+    from wsiseg.cells import expansion_px
     from wsiseg.sink import SlideWriter, WriterSpec
 
     with tempfile.TemporaryDirectory() as tmp:
         run = {**slide_info["run"], "tissue_mask": sp.tissue.mask, "tissue_downsample": sp.tissue.downsample}
         spec = WriterSpec(tmp_dir=Path(tmp), stem="replay", grid=sp.grid, plan=sp.plan, slide_name=slide_info["name"], card=card,
-                          score_threshold=score_t, mask_threshold=mask_t, stats_run=run, workers=workers)
+                          score_threshold=score_t, mask_threshold=mask_t, stats_run=run, workers=workers,
+                          cell_px=expansion_px(cell_um, sp.plan.model_mpp, sp.grid),
+                          tissue_mask=sp.tissue.mask, tissue_downsample=sp.tissue.downsample)
         t0 = time.perf_counter()
         w = SlideWriter(spec)
         for i in range(0, len(tiles), batch):
@@ -86,6 +90,7 @@ def main() -> None:
     ap.add_argument("--processes", type=int, nargs="+", default=[1, os.cpu_count() or 1])
     ap.add_argument("--workers", type=int, nargs="+", default=[1, os.cpu_count() or 1],
                     help="writer pool sizes for one slide (SlideWriter workers)")
+    ap.add_argument("--cell-expansion", type=float, default=5.0, help="µm; 0: nuclei only")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "writer.json"))
     a = ap.parse_args()
     sp, card, score_t, mask_t, tiles, pixels, raws, forward_s, slide = record(a.slide, a.model, a.batch)
@@ -93,7 +98,7 @@ def main() -> None:
             "run": {"slide": a.slide, "slide_dimensions": list(slide.dimensions), "slide_mpp": slide.mpp,
                     "tissue_area_mm2": sp.tissue.area_mm2(slide.mpp), "model": card.name,
                     "classes": [{"name": c.name, "color": list(c.color)} for c in card.classes]}}
-    job = (sp, card, score_t, mask_t, tiles, pixels, raws, info, a.batch)
+    job = (sp, card, score_t, mask_t, tiles, pixels, raws, info, a.batch, a.cell_expansion)
     one = replay(job)  # also warms the imports
     one = replay(job)
     print(f"recorded {len(tiles)} tiles (model forward {forward_s:.1f} s); one process: {one['tiles_per_s']} tiles/s, "
@@ -124,7 +129,7 @@ def main() -> None:
         r = replay((*job, w))
         one_slide.append({"workers": w, "tiles_per_s": r["tiles_per_s"], "nuclei_per_s": r["nuclei_per_s"]})
         print(f"one slide, {w} writer worker(s): {r['tiles_per_s']} tiles/s, {r['nuclei_per_s']} nuclei/s")
-    write_result(a.out, {"one_slide_workers": one_slide, "slide": a.slide, "model": card.name, "tiles": len(tiles), "nuclei": one["nuclei"],
+    write_result(a.out, {"cell_expansion_um": a.cell_expansion, "one_slide_workers": one_slide, "slide": a.slide, "model": card.name, "tiles": len(tiles), "nuclei": one["nuclei"],
                          "tiles_per_s_per_process": one["tiles_per_s"], "nuclei_per_s_per_process": one["nuclei_per_s"],
                          "stages_s": one["stages_s"], "profile_top_s": {n: round(t, 3) for t, n in rows},
                          "scaling": scaling, "goal_tiles_per_s_per_core": 15})

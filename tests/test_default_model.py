@@ -128,15 +128,17 @@ def test_the_shipped_cards_classes_reach_every_output(tmp_path, data_dir):
 
     with gzip.open(out / "consep.geojson.gz", "rt") as f:
         feats = json.load(f)["features"]
-    found = {f["properties"]["classification"]["name"] for f in feats}
-    assert found <= set(names)
+    sure = [f for f in feats if "classification" in f["properties"]]  # uncertain ones: unclassified in QuPath
+    found = {f["properties"]["classification"]["name"] for f in sure}
+    assert found <= set(names) and len(sure) > 0.7 * len(feats)
     assert len(found) >= min(2, len(names))  # a classifying model finds more than one kind here
-    for f in feats:
+    for f in sure:
         cls = f["properties"]["classification"]
         assert cls["color"] == colours[cls["name"]]
 
     table = pd.read_parquet(out / "consep.nuclei.parquet")
-    assert set(table["class_name"]) == found
+    assert set(table.class_name[~table.class_uncertain]) == found
+    assert table.class_uncertain.sum() == len(feats) - len(sure)
     assert all(names[i - 1] == n for i, n in zip(table["class_id"], table["class_name"]))  # 1-based, as the label image
 
     root = zarr.open_group(str(out / "consep.ome.zarr"), mode="r")

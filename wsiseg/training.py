@@ -694,12 +694,15 @@ def train(cfg: TrainConfig, log=print) -> dict:
     torch.manual_seed(cfg.seed)
     model = enable_partial_labels(build_model(card.config, card.mean, card.std))
     ckpt = out / "last.pt"
+    provenance = out / "pretrained.json"  # where the backbone's ImageNet weights came from, for every sitting
     if src is None and card.config.pretrained and not ckpt.exists():
         from .pretrained import load_imagenet_backbone
 
         info = load_imagenet_backbone(model, card.config.backbone)
-        card.training["pretrained_backbone"] = info
+        write_text_atomic(provenance, json.dumps(info, indent=2))
         log(f"backbone {card.config.backbone} initialised with ImageNet weights ({info['file']})")
+    if src is None and card.config.pretrained and provenance.exists():
+        card.training["pretrained_backbone"] = json.loads(provenance.read_text())
     if src is not None and not ckpt.exists():
         info = init_weights(model, class_names, src)
         card.training["init_weights"] = info
