@@ -139,10 +139,12 @@ def test_calibrate_command_fits_the_temperature_on_validation_classes(tmp_path, 
                "--min-probability", "0.5", "--device", "cpu"])
     if rc != 0:
         pytest.fail("calibrate failed")
+    before = load_card(path).config.class_temperature  # the bundled model is calibrated already
     card = load_card(tmp_path / "cal.safetensors")
     cal = card.metrics["calibration"]
+    assert cal["temperature_before"] == pytest.approx(before, rel=1e-3)
     assert card.class_min_probability == 0.5 and card.config.class_temperature == pytest.approx(
-        cal["temperature"], rel=1e-3)
+        before * cal["temperature"], rel=1e-3)  # the fit starts from the model's own temperature
     assert cal["nuclei"] > 0 and cal["ece_after"] <= cal["ece_before"] + 1e-9
     assert main(["calibrate", "--model", str(path), "--config", str(cfg), "--out", str(path)]) == 2
-    assert load_card(path).config.class_temperature == 1.0  # the model itself is never overwritten
+    assert load_card(path).config.class_temperature == before  # the model itself is never overwritten

@@ -242,6 +242,19 @@ def test_qupath_reads_the_demo_output_as_cells(slides_dir, tmp_path):
             assert seen["class_colors"][c.name] == "#%02x%02x%02x" % tuple(c.color)
     assert QUPATH_MEASUREMENTS <= set(seen["measurement_names"])
     assert seen["bounds"]["x_max"] <= 2220 and seen["bounds"]["y_max"] <= 2967
+    # cells grow on the detected tissue only (tissue.png: the mask the run analysed)
+    from PIL import Image
+
+    summary = json.loads((out / "summary.json").read_text())
+    tissue = np.asarray(Image.open(out / "tissue.png")) > 0
+    per = summary["tissue_mask_file"]["level0_px_per_pixel"]
+    root = zarr.open_group(str(out / "CMU-1-Small-Region.ome.zarr"), mode="r")
+    cells, nuclei = root["labels/cells/0"][0], root["labels/nuclei/0"][0]
+    ys, xs = np.nonzero((cells > 0) & (nuclei == 0))
+    f = root.attrs["wsiseg"]["level0_per_label_px"]
+    ty = np.minimum(((ys + 0.5) * f / per).astype(int), tissue.shape[0] - 1)
+    tx = np.minimum(((xs + 0.5) * f / per).astype(int), tissue.shape[1] - 1)
+    assert len(ys) > 10 * n and tissue[ty, tx].all()
 
 
 @needs_java
