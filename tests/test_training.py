@@ -448,9 +448,11 @@ def test_every_shipped_config_is_valid_and_fine_tunes_fit_the_default_model():
         cfg = TrainConfig.from_yaml(path)
         fields = {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.model.items()}
         mcfg = ModelConfig(**{**fields, "num_classes": shipped.num_classes, "tile_size": cfg.tile_size})
-        if cfg.init == "default":  # (how many proposals and anchors are sampled is a training setting, not weights)
+        if cfg.init == "default":  # (how many proposals and anchors are sampled is a training setting, not weights;
+            # the class temperature is fitted after training, by wsiseg calibrate)
             mcfg = dataclasses.replace(mcfg, box_positive_fraction=shipped.box_positive_fraction,
-                                       rpn_batch_size_per_image=shipped.rpn_batch_size_per_image)
+                                       rpn_batch_size_per_image=shipped.rpn_batch_size_per_image,
+                                       class_temperature=shipped.class_temperature)
             assert mcfg == shipped, f"{path.name}: model settings differ from the bundled model's"
 
 

@@ -173,7 +173,8 @@ class GeoJSONRegion:
         feats = doc.get("features", []) if isinstance(doc, dict) else doc
         shapes = []
         for f in feats:
-            g = f.get("geometry") or {}
+            # a QuPath cell's nucleus is its nucleusGeometry (its geometry is the whole cell)
+            g = f.get("nucleusGeometry") or f.get("geometry") or {}
             polys = [g["coordinates"]] if g.get("type") == "Polygon" else (
                 g["coordinates"] if g.get("type") == "MultiPolygon" else [])
             if not polys:
