@@ -100,6 +100,7 @@ def _segment_options(args: argparse.Namespace, **extra):
         batch_size=args.batch_size, on_oversize=args.on_oversize, writer=args.writer,
         writer_workers=args.writer_workers, geojson=args.geojson,
         table=args.table, zarr=not args.no_zarr, stats=not args.no_stats, cell_expansion_um=args.cell_expansion,
+        part_tiles=args.part_tiles,
         **extra)
 
 
@@ -324,6 +325,10 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cell-expansion", type=_number(float, 0, 1000), default=5.0, metavar="UM",
                    help="grow each nucleus by this many µm into its cell, as QuPath's cell detection does "
                         "(default 5; 0: nuclei only, written as QuPath detections)")
+    p.add_argument("--part-tiles", type=_number(int, 0, 10**7), default=256, metavar="N",
+                   help="keep the model's outputs per part of N tiles (rounded up to whole batches) beside the "
+                        "output until it is published, so that the same command run again after an interruption "
+                        "continues from the finished parts (default 256; 0: keep none)")
 
 
 def _add_info(sub) -> None:

@@ -246,6 +246,28 @@ class CachedPredictor:
 T = TypeVar("T")
 
 
+def predictor_identity(predictor: Predictor) -> dict:
+    """What makes a predictor's outputs what they are: its card, thresholds, device, precision, streams and
+    weights (a digest of every tensor); two predictors with the same identity give the same outputs."""
+    import hashlib
+
+    inner = getattr(predictor, "inner", predictor)  # a wrapper (CachedPredictor) gives its model's outputs
+    ident = {"type": type(inner).__name__, "card": predictor.card.to_json(),
+             "score_threshold": predictor.score_threshold, "mask_threshold": predictor.mask_threshold,
+             "device": predictor.device_name, "streams": predictor.streams}
+    if isinstance(inner, MaskRCNNPredictor):
+        h = hashlib.sha256()
+        for name, t in inner.model.state_dict().items():
+            h.update(name.encode())
+            h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        ident["weights_sha256"] = h.hexdigest()
+        ident["precision"] = str(inner.device.autocast_dtype)
+        ident["channels_last"] = inner.device.channels_last
+    else:
+        ident["params"] = {k: v for k, v in vars(inner).items() if isinstance(v, (int, float, str, bool))}
+    return ident
+
+
 @contextlib.contextmanager
 def intra_op_threads(n: int):
     """torch's intra-op thread count set to ``n`` for the duration (it is process-wide)."""

@@ -16,7 +16,8 @@ import numpy as np
 
 from . import __version__
 from .atomic import OutputError, check_replaceable, make_staging, output_lock, publish, recover
-from .inference import Predictor, infer_batches
+from .inference import Predictor, infer_batches, predictor_identity
+from .parts import Journal, fingerprint, journal_dir, part_tiles
 from .sink import WriterSpec, make_sink
 from .slide import open_slide
 from .tiling import plan_slide, stream_tiles
@@ -48,6 +49,7 @@ class SegmentOptions:
     density_cell_um: float = 100.0
     min_area_um2: float | None = None  # default: the model card's
     cell_expansion_um: float = 5.0  # each nucleus grows by this distance into its cell (QuPath's default); 0: none
+    part_tiles: int = 256  # the model's outputs are kept per part of this many tiles, to resume a run; 0: not kept
 
 
 log = logging.getLogger("wsiseg")
@@ -91,9 +93,10 @@ def segment_slide(slide_path: str | os.PathLike, predictor: Predictor, out_dir: 
         check_replaceable(out_dir, inputs)
         tmp_dir = make_staging(out_dir, "segment")
         try:
-            summary = _run(Path(slide_path), predictor, tmp_dir, o)
+            summary = _run(Path(slide_path), predictor, tmp_dir, o, journal_dir(out_dir))
             (tmp_dir / "summary.json").write_text(json.dumps(summary, indent=2))
             publish(tmp_dir, out_dir, inputs)
+            Journal.discard(journal_dir(out_dir))  # published: the parts are no longer needed
             summary["outputs"] = {k: str(out_dir / Path(v).name) for k, v in summary["outputs"].items()}
             return summary
         except BaseException:
@@ -202,16 +205,52 @@ def _warnings(sp, card, tile_size: int, slide=None) -> list[str]:
     return warnings
 
 
-def _stream_through(predictor: Predictor, stream, sink, o: SegmentOptions, timer: Timer, progress) -> dict:
-    """Every tile of ``stream`` through the model into the writing side; returns what the writers report."""
+def _by_part(predictor: Predictor, batches, journal: Journal | None, size: int, ids: list[int]):
+    """``(tiles, pixels, outputs)`` per batch, in order: a finished part's outputs from the journal, the others'
+    from the model (each part saved to the journal once all its batches are out)."""
+    if journal is None:
+        yield from infer_batches(predictor, batches)
+        return
+    from itertools import groupby
+
+    def positioned():
+        pos = 0
+        for tiles, arr in batches:
+            yield pos // size, (tiles, arr)
+            pos += len(tiles)
+
+    for part, group in groupby(positioned(), key=lambda item: item[0]):
+        group = (b for _, b in group)
+        part_ids = ids[part * size : (part + 1) * size]
+        outs = journal.load(part, part_ids) if journal.has(part) else None
+        if outs is not None:  # a part this run finished before it stopped: no model needed
+            at = 0
+            for tiles, arr in group:
+                yield tiles, arr, outs[at : at + len(tiles)]
+                at += len(tiles)
+            continue
+        done = []
+        for tiles, arr, o in infer_batches(predictor, group):
+            done += o
+            yield tiles, arr, o
+        journal.save(part, part_ids, done)
+
+
+def _stream_through(predictor: Predictor, stream, sink, o: SegmentOptions, timer: Timer, progress,
+                    journal: Journal | None = None, size: int = 0, ids: list[int] | None = None) -> dict:
+    """Every tile of ``stream`` through the model (or the journal) into the writing side; returns what the
+    writers report."""
     try:
-        for tiles, arr, outs in infer_batches(predictor, _batches(stream, o.batch_size, timer)):
+        for tiles, arr, outs in _by_part(predictor, _batches(stream, o.batch_size, timer), journal, size, ids or []):
             timer.lap("forward")
             sink.put(tiles, arr, outs)  # finished by the writer
             timer.lap("sink_wait")
             if progress is not None:
                 progress.update(len(tiles))
-                progress.set_postfix(nuclei=sink.nuclei, refresh=False)
+                post = {"nuclei": sink.nuclei}
+                if journal is not None:
+                    post["parts reused"] = journal.reused
+                progress.set_postfix(post, refresh=False)
         written = sink.close()
         timer.lap("finalize")
         return written
@@ -222,7 +261,20 @@ def _stream_through(predictor: Predictor, stream, sink, o: SegmentOptions, timer
             progress.close()
 
 
-def _run(slide_path: Path, predictor: Predictor, tmp_dir: Path, o: SegmentOptions) -> dict:
+def _journal(slide_path: Path, predictor: Predictor, sp, o: SegmentOptions, where: Path) -> tuple[Journal, int]:
+    """The run's journal of finished parts (its fingerprint: the slide file, the predictor's identity, the
+    plan and tiles, the batching) and the tiles per part."""
+    size = part_tiles(o.part_tiles, o.batch_size)
+    st = slide_path.stat()
+    ident = {"wsiseg": __version__, "slide": [str(slide_path.resolve()), st.st_size, st.st_mtime_ns],
+             "predictor": predictor_identity(predictor), "plan": repr(sp.plan),
+             "tiles": [(t.index, t.x, t.y, t.size) for t in sp.grid.tiles], "batch_size": o.batch_size,
+             "part_tiles": size, "backend": o.backend}
+    return Journal(where, fingerprint(ident)), size
+
+
+def _run(slide_path: Path, predictor: Predictor, tmp_dir: Path, o: SegmentOptions, journal_at: Path | None = None
+         ) -> dict:
     timer = Timer()
     started = time.time()
     t0 = time.perf_counter()
@@ -245,10 +297,12 @@ def _run(slide_path: Path, predictor: Predictor, tmp_dir: Path, o: SegmentOption
         from tqdm import tqdm
 
         progress = tqdm(total=n_tiles, desc=slide_path.name, unit="tile", dynamic_ncols=True, disable=None)
+    journal, size = _journal(slide_path, predictor, sp, o, journal_at) if o.part_tiles and journal_at else (None, 0)
     stream = stream_tiles(slide, sp.plan, sp.grid, workers=o.workers, prefetch=max(o.prefetch, o.batch_size))
     sink = make_sink(spec, o.writer)
     timer.add("start_writer", t0)
-    written = _stream_through(predictor, stream, sink, o, timer, progress)
+    written = _stream_through(predictor, stream, sink, o, timer, progress, journal, size,
+                              [t.index for t in sp.grid.tiles])
     for k, v in written["timings_s"].items():
         timer.totals[k] = v
     outputs = dict(written["outputs"])
@@ -293,6 +347,9 @@ def _run(slide_path: Path, predictor: Predictor, tmp_dir: Path, o: SegmentOption
         "outputs": {k: Path(v).name for k, v in outputs.items()},
         "note": None if n_tiles else "no tissue found: outputs are empty",
         "warnings": warnings,
+        "parts": None if journal is None else {
+            "tiles_per_part": size, "parts": -(-n_tiles // size), "reused": journal.reused,
+            "redone": journal.redone},
         "settings": {"score_threshold": spec.score_threshold, "mask_threshold": spec.mask_threshold,
                      "nms_threshold": card.config.nms_thresh, "tile_size": sp.grid.tile_size, "overlap": overlap,
                      "batch_size": o.batch_size, "mpp_given": o.mpp, "force_mpp": o.force_mpp, "tissue": o.tissue,
