@@ -164,3 +164,47 @@ def test_a_killed_command_resumes_with_the_same_command(tmp_path):
     s = json.loads((out / "summary.json").read_text())
     assert s["parts"]["reused"] >= 3
     _same(_outputs(out), _outputs(tmp_path / "ref"))
+
+
+@pytest.mark.parametrize("model", ["threshold", "mask_rcnn"])
+def test_parts_in_two_processes_write_what_one_pass_writes(tmp_path, model):
+    path = _slide(tmp_path)
+    if model == "threshold":
+        pred = ThresholdPredictor(threshold_card(mpp=0.5, tile_size=128, overlap=48))
+    else:
+        model_path, _, _ = tiny_model(tmp_path, classes=("tumour", "immune"))
+        pred = load_predictor(str(model_path), device="cpu")
+    one = segment_slide(path, pred, tmp_path / "one", _opts())
+    two = segment_slide(path, pred, tmp_path / "two", _opts(processes=2))
+    assert two["parts"]["computed_in_processes"] == two["parts"]["parts"] and two["parts"]["reused"] == 0
+    assert two["nuclei"] == one["nuclei"] > 0
+    _same(_outputs(tmp_path / "two"), _outputs(tmp_path / "one"))
+
+
+def test_a_stopped_run_in_processes_resumes(tmp_path):
+    path = _slide(tmp_path)
+    pred = ThresholdPredictor(threshold_card(mpp=0.5, tile_size=128, overlap=48))
+    segment_slide(path, pred, tmp_path / "whole", _opts())
+    out = tmp_path / "out"
+
+    import wsiseg.pipeline as pipeline  # the run's own process stops (as at Ctrl-C) while processes compute parts
+
+    calls = {"n": 0}
+    real = pipeline.Journal.load
+
+    def load(self, part, ids):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(self, part, ids)
+
+    pipeline.Journal.load = load
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            segment_slide(path, pred, out, _opts(processes=2))
+    finally:
+        pipeline.Journal.load = real
+    assert not out.exists() and len(list(journal_dir(out).glob("part-*.npz"))) >= 2
+    s = segment_slide(path, pred, out, _opts(processes=2))
+    assert s["parts"]["reused"] >= 2
+    _same(_outputs(out), _outputs(tmp_path / "whole"))

@@ -100,7 +100,7 @@ def _segment_options(args: argparse.Namespace, **extra):
         batch_size=args.batch_size, on_oversize=args.on_oversize, writer=args.writer,
         writer_workers=args.writer_workers, geojson=args.geojson,
         table=args.table, zarr=not args.no_zarr, stats=not args.no_stats, cell_expansion_um=args.cell_expansion,
-        part_tiles=args.part_tiles,
+        part_tiles=args.part_tiles, processes=args.processes,
         **extra)
 
 
@@ -329,6 +329,9 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
                    help="keep the model's outputs per part of N tiles (rounded up to whole batches) beside the "
                         "output until it is published, so that the same command run again after an interruption "
                         "continues from the finished parts (default 256; 0: keep none)")
+    p.add_argument("--processes", type=_number(int, 1, 1024), default=1, metavar="N",
+                   help="CPU: run the model over the parts in N processes, the cores divided between them "
+                        "(default 1)")
 
 
 def _add_info(sub) -> None:

@@ -91,6 +91,13 @@ class Journal:
         if not stamp.is_file():
             stamp.write_text(fingerprint)
 
+    @classmethod
+    def attach(cls, path: str | os.PathLike, fingerprint: str) -> Journal:
+        """The journal another process of the same run opened (nothing is checked or removed)."""
+        j = cls.__new__(cls)
+        j.path, j.fingerprint, j.reused, j.redone = Path(path), fingerprint, 0, 0
+        return j
+
     def _file(self, index: int) -> Path:
         return self.path / f"part-{index:06d}.npz"
 

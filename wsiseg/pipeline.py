@@ -50,6 +50,7 @@ class SegmentOptions:
     min_area_um2: float | None = None  # default: the model card's
     cell_expansion_um: float = 5.0  # each nucleus grows by this distance into its cell (QuPath's default); 0: none
     part_tiles: int = 256  # the model's outputs are kept per part of this many tiles, to resume a run; 0: not kept
+    processes: int = 1  # CPU: the parts' model work in this many processes, the cores divided between them
 
 
 log = logging.getLogger("wsiseg")
@@ -205,9 +206,10 @@ def _warnings(sp, card, tile_size: int, slide=None) -> list[str]:
     return warnings
 
 
-def _by_part(predictor: Predictor, batches, journal: Journal | None, size: int, ids: list[int]):
+def _by_part(predictor: Predictor, batches, journal: Journal | None, size: int, ids: list[int], wait=None):
     """``(tiles, pixels, outputs)`` per batch, in order: a finished part's outputs from the journal, the others'
-    from the model (each part saved to the journal once all its batches are out)."""
+    from the model (each part saved to the journal once all its batches are out). ``wait(part)``, if given,
+    returns once other processes have finished that part (or failed at it: then it is computed here)."""
     if journal is None:
         yield from infer_batches(predictor, batches)
         return
@@ -222,6 +224,8 @@ def _by_part(predictor: Predictor, batches, journal: Journal | None, size: int, 
     for part, group in groupby(positioned(), key=lambda item: item[0]):
         group = (b for _, b in group)
         part_ids = ids[part * size : (part + 1) * size]
+        if wait is not None:
+            wait(part)
         outs = journal.load(part, part_ids) if journal.has(part) else None
         if outs is not None:  # a part this run finished before it stopped: no model needed
             at = 0
@@ -237,11 +241,12 @@ def _by_part(predictor: Predictor, batches, journal: Journal | None, size: int, 
 
 
 def _stream_through(predictor: Predictor, stream, sink, o: SegmentOptions, timer: Timer, progress,
-                    journal: Journal | None = None, size: int = 0, ids: list[int] | None = None) -> dict:
+                    journal: Journal | None = None, size: int = 0, ids: list[int] | None = None, wait=None) -> dict:
     """Every tile of ``stream`` through the model (or the journal) into the writing side; returns what the
     writers report."""
     try:
-        for tiles, arr, outs in _by_part(predictor, _batches(stream, o.batch_size, timer), journal, size, ids or []):
+        for tiles, arr, outs in _by_part(predictor, _batches(stream, o.batch_size, timer), journal, size, ids or [],
+                                         wait):
             timer.lap("forward")
             sink.put(tiles, arr, outs)  # finished by the writer
             timer.lap("sink_wait")
@@ -259,6 +264,95 @@ def _stream_through(predictor: Predictor, stream, sink, o: SegmentOptions, timer
         stream.close()
         if progress is not None:
             progress.close()
+
+
+def _recipe(predictor: Predictor):
+    """How a part process gets the same predictor: a model file loaded again as this one was, or the object."""
+    inner = getattr(predictor, "model", None)
+    if predictor.source is None or inner is None:
+        return ("object", predictor)
+    dtype = str(getattr(predictor.device, "autocast_dtype", None))
+    precision = {"torch.bfloat16": "bf16", "torch.float16": "fp16"}.get(dtype, "fp32")
+    return ("file", predictor.source, precision, predictor.score_threshold)
+
+
+def _part_worker_init(recipe, slide_path: str, o: SegmentOptions, plan, grid, journal_path: str,
+                      fp: str, threads: int) -> None:
+    """A part process: its own copy of the model and the slide, ``threads`` intra-op threads."""
+    import torch
+
+    torch.set_num_threads(max(1, threads))
+    global _PART_STATE
+    if recipe[0] == "file":
+        from .inference import load_predictor
+
+        predictor = load_predictor(recipe[1], device="cpu", precision=recipe[2], score_threshold=recipe[3])
+    else:
+        predictor = recipe[1]
+    slide = open_slide(slide_path, mpp=o.mpp, backend=o.backend, force_mpp=o.force_mpp)
+    _PART_STATE = (predictor, slide, plan, grid, Journal.attach(journal_path, fp), o.batch_size)
+
+
+_PART_STATE = None
+
+
+def _part_worker_run(part: int, tile_indices: list[int]) -> int:
+    """Run the model over one part's tiles (in the run's batches) and save the part; returns the part."""
+    from dataclasses import replace as dc_replace
+
+    predictor, slide, plan, grid, journal, batch = _PART_STATE
+    by_index = {t.index: t for t in grid.tiles}
+    sub = dc_replace(grid, tiles=tuple(by_index[i] for i in tile_indices))
+    outs = []
+    for _, _, o in infer_batches(predictor, _batches(stream_tiles(slide, plan, sub, workers=1, prefetch=batch),
+                                                     batch, Timer())):
+        outs += o
+    journal.save(part, tile_indices, outs)
+    return part
+
+
+class PartProcesses:
+    """The parts of a run not yet in its journal, computed by ``n`` processes (spawned, each with the cores
+    divided between them); ``wait(part)`` returns once a part is done or its process failed."""
+
+    def __init__(self, n: int, predictor: Predictor, slide_path: Path, o: SegmentOptions, sp, journal: Journal,
+                 size: int):
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+
+        if not predictor.device_name.startswith("cpu"):
+            raise ValueError(f"processes > 1 runs parts on the CPU; this model runs on {predictor.device_name}")
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        ids = [t.index for t in sp.grid.tiles]
+        self.pool = ProcessPoolExecutor(
+            n, mp_context=mp.get_context("spawn"), initializer=_part_worker_init,
+            initargs=(_recipe(predictor), str(slide_path), o, sp.plan, sp.grid, str(journal.path), journal.fingerprint,
+                      max(1, cores // n)))
+        self.futures = {}
+        self.computed = 0  # parts the processes finished
+        for part in range(-(-len(ids) // size)):
+            if not journal.has(part):
+                self.futures[part] = self.pool.submit(_part_worker_run, part, ids[part * size : (part + 1) * size])
+
+    def wait(self, part: int) -> None:
+        fut = self.futures.pop(part, None)
+        if fut is None:
+            return
+        try:
+            fut.result()
+            self.computed += 1
+        except Exception as exc:  # a process that failed or died: this process computes the part
+            log.warning(f"part {part} failed in its process ({type(exc).__name__}: {exc}); computing it here")
+
+    def close(self, abort: bool = False) -> None:
+        """Shut the processes down; ``abort``: at once, without waiting for the parts in flight (their files are
+        written to a temporary name and renamed, so a part is in the journal whole or not at all)."""
+        for fut in self.futures.values():
+            fut.cancel()
+        if abort:
+            for proc in list((getattr(self.pool, "_processes", None) or {}).values()):
+                proc.terminate()
+        self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _journal(slide_path: Path, predictor: Predictor, sp, o: SegmentOptions, where: Path) -> tuple[Journal, int]:
@@ -298,11 +392,23 @@ def _run(slide_path: Path, predictor: Predictor, tmp_dir: Path, o: SegmentOption
 
         progress = tqdm(total=n_tiles, desc=slide_path.name, unit="tile", dynamic_ncols=True, disable=None)
     journal, size = _journal(slide_path, predictor, sp, o, journal_at) if o.part_tiles and journal_at else (None, 0)
+    helpers = None
+    if o.processes > 1:
+        if journal is None:
+            raise ValueError("processes > 1 needs the parts journal (part_tiles > 0)")
+        helpers = PartProcesses(o.processes, predictor, slide_path, o, sp, journal, size)
     stream = stream_tiles(slide, sp.plan, sp.grid, workers=o.workers, prefetch=max(o.prefetch, o.batch_size))
     sink = make_sink(spec, o.writer)
     timer.add("start_writer", t0)
-    written = _stream_through(predictor, stream, sink, o, timer, progress, journal, size,
-                              [t.index for t in sp.grid.tiles])
+    try:
+        written = _stream_through(predictor, stream, sink, o, timer, progress, journal, size,
+                                  [t.index for t in sp.grid.tiles], helpers.wait if helpers else None)
+    except BaseException:
+        if helpers is not None:
+            helpers.close(abort=True)
+        raise
+    if helpers is not None:
+        helpers.close()
     for k, v in written["timings_s"].items():
         timer.totals[k] = v
     outputs = dict(written["outputs"])
@@ -348,8 +454,9 @@ def _run(slide_path: Path, predictor: Predictor, tmp_dir: Path, o: SegmentOption
         "note": None if n_tiles else "no tissue found: outputs are empty",
         "warnings": warnings,
         "parts": None if journal is None else {
-            "tiles_per_part": size, "parts": -(-n_tiles // size), "reused": journal.reused,
-            "redone": journal.redone},
+            "tiles_per_part": size, "parts": -(-n_tiles // size),
+            "reused": journal.reused - (helpers.computed if helpers else 0), "redone": journal.redone,
+            "processes": o.processes, "computed_in_processes": helpers.computed if helpers else 0},
         "settings": {"score_threshold": spec.score_threshold, "mask_threshold": spec.mask_threshold,
                      "nms_threshold": card.config.nms_thresh, "tile_size": sp.grid.tile_size, "overlap": overlap,
                      "batch_size": o.batch_size, "mpp_given": o.mpp, "force_mpp": o.force_mpp, "tissue": o.tissue,
