@@ -176,7 +176,7 @@ def test_parts_in_two_processes_write_what_one_pass_writes(tmp_path, model):
         pred = load_predictor(str(model_path), device="cpu")
     one = segment_slide(path, pred, tmp_path / "one", _opts())
     two = segment_slide(path, pred, tmp_path / "two", _opts(processes=2))
-    assert two["parts"]["computed_in_processes"] == two["parts"]["parts"] and two["parts"]["reused"] == 0
+    assert two["parts"]["computed_by_workers"] == two["parts"]["parts"] and two["parts"]["reused"] == 0
     assert two["nuclei"] == one["nuclei"] > 0
     _same(_outputs(tmp_path / "two"), _outputs(tmp_path / "one"))
 
@@ -208,3 +208,37 @@ def test_a_stopped_run_in_processes_resumes(tmp_path):
     s = segment_slide(path, pred, out, _opts(processes=2))
     assert s["parts"]["reused"] >= 2
     _same(_outputs(out), _outputs(tmp_path / "whole"))
+
+
+class KillsItsWorkerOnce(ThresholdPredictor):
+    """A predictor whose first call ends the process it runs in (as a lost cluster node would)."""
+
+    def __init__(self, card, marker: str):
+        super().__init__(card)
+        self.marker = marker
+
+    def infer(self, tiles):
+        if not os.path.exists(self.marker):
+            Path(self.marker).write_text("killed")
+            os._exit(1)
+        return super().infer(tiles)
+
+
+def test_one_slide_on_a_dask_cluster_survives_a_lost_worker(tmp_path):
+    from distributed import LocalCluster
+
+    path = _slide(tmp_path)
+    card = threshold_card(mpp=0.5, tile_size=128, overlap=48)
+    segment_slide(path, ThresholdPredictor(card), tmp_path / "whole", _opts())
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
+                      dashboard_address=None) as cluster:
+        s = segment_slide(path, ThresholdPredictor(card), tmp_path / "dask",
+                          _opts(scheduler=cluster.scheduler_address))
+        assert s["parts"]["computed_by_workers"] == s["parts"]["parts"]
+        _same(_outputs(tmp_path / "dask"), _outputs(tmp_path / "whole"))
+        marker = tmp_path / "killed"
+        s = segment_slide(path, KillsItsWorkerOnce(card, str(marker)), tmp_path / "lost",
+                          _opts(scheduler=cluster.scheduler_address))
+    assert marker.exists()  # a worker died mid-part ...
+    assert s["parts"]["computed_by_workers"] == s["parts"]["parts"]  # ... and the cluster redid its part
+    _same(_outputs(tmp_path / "lost"), _outputs(tmp_path / "whole"))

@@ -33,7 +33,7 @@ from .atomic import (
     staging_path,
     write_text_atomic,
 )
-from .pipeline import SegmentOptions
+from .pipeline import SCHEDULER_TIMEOUT_S, SegmentOptions, connect_scheduler  # noqa: F401 (re-exported)
 
 SLIDE_SUFFIXES = {".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif", ".dcm",
                   ".png", ".jpg", ".jpeg"}
@@ -352,39 +352,6 @@ def _run_dask(todo, names, out, model, opts, workers, scheduler, device, precisi
             own.close()
             if cluster is not None and not scheduler:
                 cluster.close()
-
-
-SCHEDULER_TIMEOUT_S = 15.0
-
-
-def connect_scheduler(address: str, timeout: float = SCHEDULER_TIMEOUT_S):
-    """A Dask client of the scheduler at ``address``, or ``SchedulerUnreachableError`` within ``timeout``
-    seconds: nothing listening, something else answering (however it answers), or nothing answering at all
-    (the handshake is bounded too: the client is made in a thread that is abandoned when it overruns)."""
-    import threading
-
-    from distributed import Client
-
-    from .errors import SchedulerUnreachableError
-
-    result: dict = {}
-
-    def make() -> None:
-        try:
-            result["client"] = Client(address, timeout=f"{max(1.0, timeout - 2):g}s")
-        except BaseException as exc:  # anything the handshake with a stranger raises (even MemoryError)
-            result["error"] = exc
-
-    t = threading.Thread(target=make, name="wsiseg-connect", daemon=True)
-    t.start()
-    t.join(timeout)
-    if "client" in result:
-        return result["client"]
-    if t.is_alive():
-        raise SchedulerUnreachableError(f"Dask scheduler {address}: no answer within {timeout:g} s (is it a Dask "
-                                        "scheduler? dask-scheduler prints its address, e.g. tcp://host:8786)")
-    exc = result.get("error")
-    raise SchedulerUnreachableError(f"Dask scheduler {address}: cannot connect ({type(exc).__name__}: {exc})")
 
 
 def write_cohort(out: Path, manifest: dict) -> Path:

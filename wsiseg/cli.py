@@ -184,7 +184,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
                                score_threshold=args.score_threshold)
     opts = _segment_options(args, workers=args.workers, prefetch=args.prefetch, progress=not args.quiet,
                             overwrite=args.overwrite, density_cell_um=args.density_cell_um,
-                            min_area_um2=args.min_area_um2)
+                            min_area_um2=args.min_area_um2, scheduler=args.scheduler)
     out = args.out or str(Path(args.slide).stem) + "-wsiseg"
     summary = segment_slide(args.slide, predictor, out, opts)
     t = summary["timings_s"]
@@ -357,6 +357,9 @@ def _add_segment(sub) -> None:
     p.add_argument("--score-threshold", type=PROB, default=None)
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--scheduler", default=None,
+                   help="a Dask scheduler: its workers run the model over this slide's parts (the slide and the "
+                        "model file must be at the same paths there); merging and writing stay here")
     p.add_argument("--density-cell-um", type=CELL_UM, default=100.0, help="density map cell size in µm")
     p.add_argument("--min-area-um2", type=_number(float, 0, 1000), default=None,
                    help="drop objects smaller than this, in µm² (default: the model card's)")

@@ -138,6 +138,13 @@ class Journal:
         os.replace(tmp, f)
 
     @staticmethod
+    def discard_if_empty(path: str | os.PathLike) -> None:
+        """Remove a journal folder that holds no finished part (a run that failed before its first one)."""
+        path = Path(path)
+        if path.is_dir() and not any(path.glob("part-*.npz")):
+            shutil.rmtree(path, ignore_errors=True)
+
+    @staticmethod
     def discard(path: str | os.PathLike) -> None:
         """Remove a journal folder (after its run was published)."""
         shutil.rmtree(path, ignore_errors=True)

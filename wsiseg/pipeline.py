@@ -51,6 +51,7 @@ class SegmentOptions:
     cell_expansion_um: float = 5.0  # each nucleus grows by this distance into its cell (QuPath's default); 0: none
     part_tiles: int = 256  # the model's outputs are kept per part of this many tiles, to resume a run; 0: not kept
     processes: int = 1  # CPU: the parts' model work in this many processes, the cores divided between them
+    scheduler: str | None = None  # a Dask scheduler whose workers run the parts' model work of this slide
 
 
 log = logging.getLogger("wsiseg")
@@ -102,6 +103,7 @@ def segment_slide(slide_path: str | os.PathLike, predictor: Predictor, out_dir: 
             return summary
         except BaseException:
             shutil.rmtree(tmp_dir, ignore_errors=True)
+            Journal.discard_if_empty(journal_dir(out_dir))  # finished parts stay for the rerun
             raise
 
 
@@ -276,38 +278,88 @@ def _recipe(predictor: Predictor):
     return ("file", predictor.source, precision, predictor.score_threshold)
 
 
-def _part_worker_init(recipe, slide_path: str, o: SegmentOptions, plan, grid, journal_path: str,
-                      fp: str, threads: int) -> None:
-    """A part process: its own copy of the model and the slide, ``threads`` intra-op threads."""
+SCHEDULER_TIMEOUT_S = 15.0
+
+
+def connect_scheduler(address: str, timeout: float = SCHEDULER_TIMEOUT_S):
+    """A Dask client of the scheduler at ``address``, or ``SchedulerUnreachableError`` within ``timeout``
+    seconds: nothing listening, something else answering (however it answers), or nothing answering at all
+    (the handshake is bounded too: the client is made in a thread that is abandoned when it overruns)."""
+    import threading
+
+    from distributed import Client
+
+    from .errors import SchedulerUnreachableError
+
+    result: dict = {}
+
+    def make() -> None:
+        try:
+            result["client"] = Client(address, timeout=f"{max(1.0, timeout - 2):g}s")
+        except BaseException as exc:  # anything the handshake with a stranger raises (even MemoryError)
+            result["error"] = exc
+
+    t = threading.Thread(target=make, name="wsiseg-connect", daemon=True)
+    t.start()
+    t.join(timeout)
+    if "client" in result:
+        return result["client"]
+    if t.is_alive():
+        raise SchedulerUnreachableError(f"Dask scheduler {address}: no answer within {timeout:g} s (is it a Dask "
+                                        "scheduler? dask-scheduler prints its address, e.g. tcp://host:8786)")
+    exc = result.get("error")
+    raise SchedulerUnreachableError(f"Dask scheduler {address}: cannot connect ({type(exc).__name__}: {exc})")
+
+
+def recipe_predictor(recipe) -> Predictor:
+    """The predictor a recipe (``_recipe``) describes, loaded once per process."""
+    global _RECIPE_CACHE
+    key = repr(recipe[1:]) if recipe[0] == "file" else id(recipe[1])
+    if _RECIPE_CACHE is None or _RECIPE_CACHE[0] != key:
+        if recipe[0] == "file":
+            from .inference import load_predictor
+
+            pred = load_predictor(recipe[1], device="cpu", precision=recipe[2], score_threshold=recipe[3])
+        else:
+            pred = recipe[1]
+        _RECIPE_CACHE = (key, pred)
+    return _RECIPE_CACHE[1]
+
+
+_RECIPE_CACHE = None
+
+
+def part_grid(grid, tile_indices: list[int]):
+    """The grid holding only these tiles (what a part's process reads)."""
+    from dataclasses import replace as dc_replace
+
+    by_index = {t.index: t for t in grid.tiles}
+    return dc_replace(grid, tiles=tuple(by_index[i] for i in tile_indices))
+
+
+def compute_part(recipe, slide_path: str, o: SegmentOptions, plan, sub) -> list:
+    """The model's outputs for the tiles of ``sub`` (a part's grid: ``part_grid``), read from the slide, in the
+    run's batches, in any process."""
+    predictor = recipe_predictor(recipe)
+    slide = open_slide(slide_path, mpp=o.mpp, backend=o.backend, force_mpp=o.force_mpp)
+    outs = []
+    stream = stream_tiles(slide, plan, sub, workers=1, prefetch=o.batch_size)
+    for _, _, out in infer_batches(predictor, _batches(stream, o.batch_size, Timer())):
+        outs += out
+    return outs
+
+
+def _part_worker_init(threads: int) -> None:
     import torch
 
     torch.set_num_threads(max(1, threads))
-    global _PART_STATE
-    if recipe[0] == "file":
-        from .inference import load_predictor
-
-        predictor = load_predictor(recipe[1], device="cpu", precision=recipe[2], score_threshold=recipe[3])
-    else:
-        predictor = recipe[1]
-    slide = open_slide(slide_path, mpp=o.mpp, backend=o.backend, force_mpp=o.force_mpp)
-    _PART_STATE = (predictor, slide, plan, grid, Journal.attach(journal_path, fp), o.batch_size)
 
 
-_PART_STATE = None
-
-
-def _part_worker_run(part: int, tile_indices: list[int]) -> int:
-    """Run the model over one part's tiles (in the run's batches) and save the part; returns the part."""
-    from dataclasses import replace as dc_replace
-
-    predictor, slide, plan, grid, journal, batch = _PART_STATE
-    by_index = {t.index: t for t in grid.tiles}
-    sub = dc_replace(grid, tiles=tuple(by_index[i] for i in tile_indices))
-    outs = []
-    for _, _, o in infer_batches(predictor, _batches(stream_tiles(slide, plan, sub, workers=1, prefetch=batch),
-                                                     batch, Timer())):
-        outs += o
-    journal.save(part, tile_indices, outs)
+def _part_worker_run(recipe, slide_path: str, o: SegmentOptions, plan, journal_path: str, fp: str, part: int,
+                     sub) -> int:
+    """Run the model over one part's tiles and save the part; returns the part."""
+    outs = compute_part(recipe, slide_path, o, plan, sub)
+    Journal.attach(journal_path, fp).save(part, [t.index for t in sub.tiles], outs)
     return part
 
 
@@ -324,15 +376,15 @@ class PartProcesses:
             raise ValueError(f"processes > 1 runs parts on the CPU; this model runs on {predictor.device_name}")
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         ids = [t.index for t in sp.grid.tiles]
-        self.pool = ProcessPoolExecutor(
-            n, mp_context=mp.get_context("spawn"), initializer=_part_worker_init,
-            initargs=(_recipe(predictor), str(slide_path), o, sp.plan, sp.grid, str(journal.path), journal.fingerprint,
-                      max(1, cores // n)))
+        self.pool = ProcessPoolExecutor(n, mp_context=mp.get_context("spawn"), initializer=_part_worker_init,
+                                        initargs=(max(1, cores // n),))
         self.futures = {}
         self.computed = 0  # parts the processes finished
+        job = (_recipe(predictor), str(slide_path), o, sp.plan, str(journal.path), journal.fingerprint)
         for part in range(-(-len(ids) // size)):
             if not journal.has(part):
-                self.futures[part] = self.pool.submit(_part_worker_run, part, ids[part * size : (part + 1) * size])
+                self.futures[part] = self.pool.submit(_part_worker_run, *job, part,
+                                                      part_grid(sp.grid, ids[part * size : (part + 1) * size]))
 
     def wait(self, part: int) -> None:
         fut = self.futures.pop(part, None)
@@ -353,6 +405,49 @@ class PartProcesses:
             for proc in list((getattr(self.pool, "_processes", None) or {}).values()):
                 proc.terminate()
         self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+class DaskParts:
+    """The parts of a run not yet in its journal, computed by the workers of a Dask cluster (each worker loads
+    the model file once and reads the slide itself: both must be at the same path there); the outputs come back
+    to this process, which saves each part in the journal. Dask's own machinery does the rest: a part whose
+    worker is lost is computed again elsewhere, a failing part is retried twice (``retries``)."""
+
+    def __init__(self, scheduler: str, predictor: Predictor, slide_path: Path, o: SegmentOptions, sp,
+                 journal: Journal, size: int):
+        import time as _time
+
+        self.client = connect_scheduler(scheduler)
+        self.journal, self.computed = journal, 0
+        ids = [t.index for t in sp.grid.tiles]
+        recipe = _recipe(predictor)
+        self.futures = {}
+        self.parts = {}
+        for part in range(-(-len(ids) // size)):
+            if journal.has(part):
+                continue
+            sub = part_grid(sp.grid, ids[part * size : (part + 1) * size])
+            self.parts[part] = [t.index for t in sub.tiles]
+            self.futures[part] = self.client.submit(
+                compute_part, recipe, str(slide_path), o, sp.plan, sub, pure=False, retries=2,
+                key=f"wsiseg-part-{journal.fingerprint[:12]}-{part}-{_time.time_ns()}")
+
+    def wait(self, part: int) -> None:
+        fut = self.futures.pop(part, None)
+        if fut is None:
+            return
+        try:
+            outs = fut.result()
+        except Exception as exc:  # lost too often, or failing: this process computes the part
+            log.warning(f"part {part} failed on the cluster ({type(exc).__name__}: {exc}); computing it here")
+            return
+        self.journal.save(part, self.parts[part], outs)
+        self.computed += 1
+
+    def close(self, abort: bool = False) -> None:
+        for fut in self.futures.values():
+            fut.cancel()
+        self.client.close()
 
 
 def _journal(slide_path: Path, predictor: Predictor, sp, o: SegmentOptions, where: Path) -> tuple[Journal, int]:
@@ -393,9 +488,11 @@ def _run(slide_path: Path, predictor: Predictor, tmp_dir: Path, o: SegmentOption
         progress = tqdm(total=n_tiles, desc=slide_path.name, unit="tile", dynamic_ncols=True, disable=None)
     journal, size = _journal(slide_path, predictor, sp, o, journal_at) if o.part_tiles and journal_at else (None, 0)
     helpers = None
-    if o.processes > 1:
-        if journal is None:
-            raise ValueError("processes > 1 needs the parts journal (part_tiles > 0)")
+    if (o.processes > 1 or o.scheduler) and journal is None:
+        raise ValueError("processes > 1 and a scheduler need the parts journal (part_tiles > 0)")
+    if o.scheduler:
+        helpers = DaskParts(o.scheduler, predictor, slide_path, o, sp, journal, size)
+    elif o.processes > 1:
         helpers = PartProcesses(o.processes, predictor, slide_path, o, sp, journal, size)
     stream = stream_tiles(slide, sp.plan, sp.grid, workers=o.workers, prefetch=max(o.prefetch, o.batch_size))
     sink = make_sink(spec, o.writer)
@@ -456,7 +553,8 @@ def _run(slide_path: Path, predictor: Predictor, tmp_dir: Path, o: SegmentOption
         "parts": None if journal is None else {
             "tiles_per_part": size, "parts": -(-n_tiles // size),
             "reused": journal.reused - (helpers.computed if helpers else 0), "redone": journal.redone,
-            "processes": o.processes, "computed_in_processes": helpers.computed if helpers else 0},
+            "processes": o.processes, "scheduler": o.scheduler,
+            "computed_by_workers": helpers.computed if helpers else 0},
         "settings": {"score_threshold": spec.score_threshold, "mask_threshold": spec.mask_threshold,
                      "nms_threshold": card.config.nms_thresh, "tile_size": sp.grid.tile_size, "overlap": overlap,
                      "batch_size": o.batch_size, "mpp_given": o.mpp, "force_mpp": o.force_mpp, "tissue": o.tissue,
