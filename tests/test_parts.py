@@ -68,14 +68,18 @@ def _opts(**kw):
     return SegmentOptions(**base)
 
 
+def _predictor(model: str, tmp_path: Path):
+    """The classical baseline, or a small Mask R-CNN (raw outputs: float boxes and mask probabilities)."""
+    if model == "threshold":
+        return ThresholdPredictor(threshold_card(mpp=0.5, tile_size=128, overlap=48))
+    model_path, _, _ = tiny_model(tmp_path, classes=("tumour", "immune"))
+    return load_predictor(str(model_path), device="cpu")
+
+
 @pytest.mark.parametrize("model", ["threshold", "mask_rcnn"])
 def test_a_stopped_run_resumes_from_its_parts_and_writes_the_same_bytes(tmp_path, model):
     path = _slide(tmp_path)
-    if model == "threshold":
-        pred = ThresholdPredictor(threshold_card(mpp=0.5, tile_size=128, overlap=48))
-    else:
-        model_path, _, _ = tiny_model(tmp_path, classes=("tumour", "immune"))
-        pred = load_predictor(str(model_path), device="cpu")
+    pred = _predictor(model, tmp_path)
     whole = segment_slide(path, pred, tmp_path / "whole", _opts())
     assert whole["parts"]["reused"] == 0 and whole["parts"]["parts"] > 4
     assert not journal_dir(tmp_path / "whole").exists()  # published: the journal is gone
@@ -169,11 +173,7 @@ def test_a_killed_command_resumes_with_the_same_command(tmp_path):
 @pytest.mark.parametrize("model", ["threshold", "mask_rcnn"])
 def test_parts_in_two_processes_write_what_one_pass_writes(tmp_path, model):
     path = _slide(tmp_path)
-    if model == "threshold":
-        pred = ThresholdPredictor(threshold_card(mpp=0.5, tile_size=128, overlap=48))
-    else:
-        model_path, _, _ = tiny_model(tmp_path, classes=("tumour", "immune"))
-        pred = load_predictor(str(model_path), device="cpu")
+    pred = _predictor(model, tmp_path)
     one = segment_slide(path, pred, tmp_path / "one", _opts())
     two = segment_slide(path, pred, tmp_path / "two", _opts(processes=2))
     assert two["parts"]["computed_by_workers"] == two["parts"]["parts"] and two["parts"]["reused"] == 0
