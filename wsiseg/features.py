@@ -119,14 +119,19 @@ def _convex_hull_pixels(mask: np.ndarray, ys: np.ndarray, xs: np.ndarray) -> flo
     return float((grid_points_in_poly(mask.shape, hull, binarize=False) >= 1).sum())
 
 
+def _od_means(px: np.ndarray) -> tuple[float, float]:
+    """Mean hematoxylin and eosin optical density of RGB pixels (n, 3) as float64, n > 0."""
+    hed = -np.log10(np.maximum(px, 1.0) / 255.0) @ _hed_from_rgb()
+    return float(max(hed[:, 0].mean(), 0.0)), float(max(hed[:, 1].mean(), 0.0))
+
+
 def stain_od(mask: np.ndarray, rgb: np.ndarray) -> tuple[float, float]:
     """Mean hematoxylin and eosin optical density inside the mask (colour deconvolution with scikit-image's
     Ruifrok & Johnston H&E vectors); NaN for an empty mask."""
     px = rgb[mask].astype(np.float64)
     if px.size == 0:
         return float("nan"), float("nan")
-    hed = -np.log10(np.maximum(px, 1.0) / 255.0) @ _hed_from_rgb()
-    return float(max(hed[:, 0].mean(), 0.0)), float(max(hed[:, 1].mean(), 0.0))
+    return _od_means(px)
 
 
 def colour_features(mask: np.ndarray, rgb: np.ndarray) -> dict[str, float]:
@@ -135,12 +140,9 @@ def colour_features(mask: np.ndarray, rgb: np.ndarray) -> dict[str, float]:
     if px.size == 0:
         return {k: float("nan") for k in COLOUR_COLUMNS}
     mean = px.mean(axis=0)
-    od = -np.log10(np.maximum(px, 1.0) / 255.0)
-    hed = od @ _hed_from_rgb()
-    return {
-        "mean_r": float(mean[0]), "mean_g": float(mean[1]), "mean_b": float(mean[2]),
-        "hematoxylin_od": float(max(hed[:, 0].mean(), 0.0)), "eosin_od": float(max(hed[:, 1].mean(), 0.0)),
-    }
+    h, e = _od_means(px)
+    return {"mean_r": float(mean[0]), "mean_g": float(mean[1]), "mean_b": float(mean[2]),
+            "hematoxylin_od": h, "eosin_od": e}
 
 
 def nucleus_features(mask: np.ndarray, rgb: np.ndarray | None, mpp: float,

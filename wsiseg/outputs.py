@@ -317,21 +317,21 @@ class TableWriter:
         self.batch = batch
         self.count = 0
         self.kind = "csv" if self.path.suffix == ".csv" else "parquet"
-        self.class_cols = list(extra_cols)
+        self.extra_cols = list(extra_cols)
         self._writer = None
         if self.kind == "csv":
             self._fh = open(self.tmp, "w", newline="", encoding="utf-8")
-            self._csv = csv.DictWriter(self._fh, fieldnames=TABLE_COLUMNS + self.class_cols, extrasaction="ignore")
+            self._csv = csv.DictWriter(self._fh, fieldnames=TABLE_COLUMNS + self.extra_cols, extrasaction="ignore")
             self._csv.writeheader()
         else:
-            self.schema = self._schema(self.class_cols)
+            self.schema = self._schema(self.extra_cols)
             self._numeric = {f.name: np.empty(batch, f.type.to_pandas_dtype()) for f in self.schema
                              if f.type.to_pandas_dtype() is not np.object_}
             self._text = {f.name: [] for f in self.schema if f.name not in self._numeric}
             self._n = 0
 
     @staticmethod
-    def _schema(class_cols: list[str] = ()):
+    def _schema(extra_cols: list[str] = ()):
         import pyarrow as pa
 
         return pa.schema([
@@ -342,7 +342,7 @@ class TableWriter:
             ("score", pa.float32()), ("bbox_x0_px", pa.float64()), ("bbox_y0_px", pa.float64()),
             ("bbox_x1_px", pa.float64()), ("bbox_y1_px", pa.float64()),
             *[(c, pa.float32()) for c in FEATURE_COLUMNS],
-            *[(c, pa.bool_() if c == "class_uncertain" else pa.float32()) for c in class_cols],
+            *[(c, pa.bool_() if c == "class_uncertain" else pa.float32()) for c in extra_cols],
         ])
 
     def write(self, record: dict) -> None:

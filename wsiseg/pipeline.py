@@ -154,9 +154,8 @@ def _writer_spec(slide_path: Path, slide, sp, tissue_mm2: float, predictor: Pred
     from .cells import expansion_px
 
     cell_px = expansion_px(o.cell_expansion_um, sp.plan.model_mpp, sp.grid)
-    whole = sp.tissue.source == "whole slide" or bool(sp.tissue.mask.all())
     return WriterSpec(tmp_dir=tmp_dir, stem=slide_path.stem, grid=sp.grid, plan=sp.plan, slide_name=slide_path.name,
-                      cell_px=cell_px, tissue_mask=None if whole else sp.tissue.mask,
+                      cell_px=cell_px, tissue_mask=sp.tissue.mask,
                       tissue_downsample=sp.tissue.downsample,
                       card=card, zarr=o.zarr, zarr_image_downsample=o.zarr_image_downsample, geojson=o.geojson,
                       table=o.table, on_oversize=o.on_oversize,
@@ -329,16 +328,18 @@ def recipe_predictor(recipe) -> Predictor:
 _RECIPE_CACHE = None
 
 
-def part_grid(grid, tile_indices: list[int]):
-    """The grid holding only these tiles (what a part's process reads)."""
+def missing_parts(grid, journal: Journal, size: int):
+    """``(part, grid of its tiles)`` for each part of ``grid`` (``size`` tiles, in grid order) not yet in the
+    journal: what other processes or a cluster are to compute."""
     from dataclasses import replace as dc_replace
 
-    by_index = {t.index: t for t in grid.tiles}
-    return dc_replace(grid, tiles=tuple(by_index[i] for i in tile_indices))
+    for part in range(-(-len(grid.tiles) // size)):
+        if not journal.has(part):
+            yield part, dc_replace(grid, tiles=tuple(grid.tiles[part * size : (part + 1) * size]))
 
 
 def compute_part(recipe, slide_path: str, o: SegmentOptions, plan, sub) -> list:
-    """The model's outputs for the tiles of ``sub`` (a part's grid: ``part_grid``), read from the slide, in the
+    """The model's outputs for the tiles of ``sub`` (a part's grid: ``missing_parts``), read from the slide, in the
     run's batches, in any process."""
     predictor = recipe_predictor(recipe)
     slide = open_slide(slide_path, mpp=o.mpp, backend=o.backend, force_mpp=o.force_mpp)
@@ -375,16 +376,13 @@ class PartProcesses:
         if not predictor.device_name.startswith("cpu"):
             raise ValueError(f"processes > 1 runs parts on the CPU; this model runs on {predictor.device_name}")
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        ids = [t.index for t in sp.grid.tiles]
         self.pool = ProcessPoolExecutor(n, mp_context=mp.get_context("spawn"), initializer=_part_worker_init,
                                         initargs=(max(1, cores // n),))
         self.futures = {}
         self.computed = 0  # parts the processes finished
         job = (_recipe(predictor), str(slide_path), o, sp.plan, str(journal.path), journal.fingerprint)
-        for part in range(-(-len(ids) // size)):
-            if not journal.has(part):
-                self.futures[part] = self.pool.submit(_part_worker_run, *job, part,
-                                                      part_grid(sp.grid, ids[part * size : (part + 1) * size]))
+        for part, sub in missing_parts(sp.grid, journal, size):
+            self.futures[part] = self.pool.submit(_part_worker_run, *job, part, sub)
 
     def wait(self, part: int) -> None:
         fut = self.futures.pop(part, None)
@@ -419,14 +417,10 @@ class DaskParts:
 
         self.client = connect_scheduler(scheduler)
         self.journal, self.computed = journal, 0
-        ids = [t.index for t in sp.grid.tiles]
         recipe = _recipe(predictor)
         self.futures = {}
         self.parts = {}
-        for part in range(-(-len(ids) // size)):
-            if journal.has(part):
-                continue
-            sub = part_grid(sp.grid, ids[part * size : (part + 1) * size])
+        for part, sub in missing_parts(sp.grid, journal, size):
             self.parts[part] = [t.index for t in sub.tiles]
             self.futures[part] = self.client.submit(
                 compute_part, recipe, str(slide_path), o, sp.plan, sub, pure=False, retries=2,

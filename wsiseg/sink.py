@@ -65,7 +65,7 @@ class WriterSpec:
     workers: int = 1  # processes that finish detections and measure nuclei (1: all in the writer itself)
     cell_px: int = 0  # each nucleus grown by this many model pixels into its cell (0: no cells)
     tissue_mask: np.ndarray | None = None  # cells stay in the analysed tissue: this mask, one pixel ...
-    tissue_downsample: float = 1.0  # ... this many level-0 pixels wide (None mask: the whole slide)
+    tissue_downsample: float = 1.0  # ... this many level-0 pixels wide (None or all tissue: no limit)
 
 
 def _describe(nuclei: list, plan: ReadPlan, slide_name: str, card: ModelCard, geojson: bool) -> list:
