@@ -121,11 +121,9 @@ class CellGrower:
         self._queue: deque = deque()  # (tile, nuclei) waiting for their neighbourhood, in arrival order
         self._nuclei: dict[tuple[int, int], list[Nucleus]] = {}
         self._arrived: set[tuple[int, int]] = set()
-        self._reach = {rc: self._reaching(t) for rc, t in self._pos.items()}
-        self._needed_by: dict[tuple[int, int], int] = {rc: 0 for rc in self._pos}
-        for rc, near in self._reach.items():
-            for q in near:
-                self._needed_by[q] += 1
+        # tiles still needed: how many tiles that reach each one have not yet had their cells grown; an entry
+        # is made when first needed and dropped at zero, so the state holds a band of tiles, not the slide
+        self._needed_by: dict[tuple[int, int], int] = {}
 
     def _reaching(self, t: Tile) -> list[tuple[int, int]]:
         """The tiles whose windows come within ``2r`` of ``t``'s (their nuclei may meet ``t``'s cells)."""
@@ -145,7 +143,7 @@ class CellGrower:
         rc = (tile.row, tile.col)
         self._nuclei[rc] = nuclei
         self._arrived.add(rc)
-        self._queue.append((tile, nuclei))
+        self._queue.append((tile, nuclei, self._reaching(tile)))
         return self._ready()
 
     def close(self) -> list[tuple[Tile, list[Nucleus]]]:
@@ -154,17 +152,21 @@ class CellGrower:
     def _ready(self, drain: bool = False) -> list[tuple[Tile, list[Nucleus]]]:
         out = []
         while self._queue:
-            tile, nuclei = self._queue[0]
-            near = self._reach[(tile.row, tile.col)]
+            tile, nuclei, near = self._queue[0]
             if not drain and not all(q in self._arrived for q in near):
                 break
             self._queue.popleft()
             self._grow(nuclei, [m for q in near for m in self._nuclei.get(q, [])])
             out.append((tile, nuclei))
-            for q in near:  # a tile's nuclei are forgotten once every tile that reaches them has its cells
-                self._needed_by[q] -= 1
-                if self._needed_by[q] == 0:
+            for q in near:  # a tile is forgotten once every tile that reaches it has its cells
+                # (reaching is symmetric: the tiles that reach q are the tiles q reaches)
+                left = self._needed_by.get(q, len(self._reaching(self._pos[q]))) - 1
+                if left > 0:
+                    self._needed_by[q] = left
+                else:
+                    self._needed_by.pop(q, None)
                     self._nuclei.pop(q, None)
+                    self._arrived.discard(q)
         return out
 
     def _grow(self, nuclei: list[Nucleus], pool: list[Nucleus]) -> None:
