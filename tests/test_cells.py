@@ -147,6 +147,24 @@ def _run(path, out, tile=(128, 48), **kw):
     return segment_slide(path, pred, out, SegmentOptions(**opts))
 
 
+def test_the_grower_holds_a_band_of_tiles_not_the_slide():
+    """Memory flat with slide height: the tiles the grower remembers do not grow with the number of rows."""
+
+    def most_held(height: int) -> int:
+        grid = make_grid(4000, height, 256, 64)
+        grower, most = CellGrower(grid, 20), 0
+        for t in grid.tiles:  # the stitcher's reading order
+            assert grower.add(t, []) is not None
+            most = max(most, len(grower._needed_by), len(grower._arrived))
+        grower.close()
+        assert not grower._needed_by and not grower._arrived  # nothing left behind
+        return most
+
+    short, tall = most_held(2000), most_held(12000)
+    cols = len(make_grid(4000, 2000, 256, 64).x_bounds) - 1
+    assert tall == short <= 4 * cols
+
+
 def test_cells_are_the_same_for_any_tiling_and_labels_agree_with_table(tmp_path):
     path = _seam_slide(tmp_path)
     got = []
