@@ -208,6 +208,21 @@ def open_outputs(out: Path) -> dict:
     return res
 
 
+def time_lost(first: dict | None, second: dict, parts: dict) -> dict:
+    """The time the kill cost: both sittings against one pass at the first sitting's pace (parts a second).
+
+    The first sitting's pace holds the model and the merge of its parts; the second sitting reruns the merge
+    of the reused parts (pixels read again, stitching, cells, writers) but not their model, so the difference
+    is what a resume costs: the part in flight, a fresh start, and that merge done a second time."""
+    if not first or not parts.get("reused"):
+        return {}
+    pace = first["wall_s"] / parts["reused"]
+    one_pass = pace * parts["parts"]
+    lost = first["wall_s"] + second["wall_s"] - one_pass
+    return {"one_pass_s_estimated": round(one_pass, 1), "time_lost_to_kill_s": round(lost, 1),
+            "time_lost_share": round(lost / one_pass, 3)}
+
+
 def run(slide: Path, out: Path, kill_at: float, part_tiles: int) -> dict:
     from wsiseg.parts import journal_dir
 
@@ -221,7 +236,7 @@ def run(slide: Path, out: Path, kill_at: float, part_tiles: int) -> dict:
     first = segment(cmd, journal_dir(out), kill_at, parts) if kill_at else None
     second = segment(cmd)
     summary = json.loads((out / "summary.json").read_text())
-    return {"tiles": summary["tiles"], "nuclei": summary["nuclei"], "tissue_mm2": summary["tissue_area_mm2"],
+    return {**time_lost(first, second, summary.get("parts") or {}), "tiles": summary["tiles"], "nuclei": summary["nuclei"], "tissue_mm2": summary["tissue_area_mm2"],
             "dropped_oversize": summary.get("dropped_oversize"),
             "first_sitting": first, "to_the_end": second, "parts": summary.get("parts"),
             "wall_s_total": round((first["wall_s"] if first else 0) + second["wall_s"], 1),
@@ -253,6 +268,9 @@ def main() -> None:
                 m = r[k]["memory"]
                 print(f"{k}: {r[k]['wall_s']} s, rc {r[k]['rc']}, total RSS max first/last quarter "
                       f"{m['total_rss_mb_first_quarter_max']}/{m['total_rss_mb_last_quarter_max']} MB")
+        if "time_lost_to_kill_s" in r:
+            print(f"kill and resume cost {r['time_lost_to_kill_s']} s against one pass at the first sitting's pace "
+                  f"({r['one_pass_s_estimated']} s, {100 * r['time_lost_share']:.1f}%)")
         print(json.dumps(r["outputs"], indent=1))
     write_result(a.result, {"benchmark": "gigapixel", "slide": str(slide), **res})
 
