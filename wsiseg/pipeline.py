@@ -254,8 +254,10 @@ def _stream_through(predictor: Predictor, stream, sink, o: SegmentOptions, timer
             if progress is not None:
                 progress.update(len(tiles))
                 post = {"nuclei": sink.nuclei}
-                if journal is not None:
-                    post["parts reused"] = journal.reused
+                if journal is not None and size:  # parts merged (tqdm's bar gives the ETA)
+                    n_parts = -(-progress.total // size)
+                    post["parts"] = f"{n_parts if progress.n >= progress.total else progress.n // size}/{n_parts}"
+                    post["reused"] = journal.reused
                 progress.set_postfix(post, refresh=False)
         written = sink.close()
         timer.lap("finalize")
