@@ -194,7 +194,8 @@ def open_outputs(out: Path) -> dict:
                                            env={**os.environ, "QUPATH_CHECK_JAVA_OPTS": "-Xmx16g"}))
     seen = json.loads(proc.stdout.splitlines()[-1]) if proc.stdout.strip() else {"ok": False, "error": proc.stderr[-500:]}
     res["geojson_qupath"] = {"seconds": t, "ok": seen.get("ok"), "objects": seen.get("objects"),
-                             "invalid_rois": seen.get("invalid_rois"), "read_seconds": seen.get("read_seconds")}
+                             "invalid_rois": seen.get("invalid_rois"), "read_seconds": seen.get("read_seconds"),
+                             "error": seen.get("error"), "exception": seen.get("exception")}
     t, table = timed(lambda: pd.read_parquet(next(out.glob("*.nuclei.parquet"))))
     res["table_pandas"] = {"seconds": t, "rows": len(table)}
     z = next(out.glob("*.ome.zarr"))
