@@ -210,7 +210,7 @@ def open_outputs(out: Path) -> dict:
 
 
 def time_lost(first: dict | None, second: dict, parts: dict) -> dict:
-    """The time the kill cost: both sittings against one pass at the first sitting's pace (parts a second).
+    """The time the kill cost: both sittings against one pass at the first sitting's pace (seconds a part).
 
     The first sitting's pace holds the model and the merge of its parts; the second sitting reruns the merge
     of the reused parts (pixels read again, stitching, cells, writers) but not their model, so the difference
@@ -237,7 +237,8 @@ def run(slide: Path, out: Path, kill_at: float, part_tiles: int) -> dict:
     first = segment(cmd, journal_dir(out), kill_at, parts) if kill_at else None
     second = segment(cmd)
     summary = json.loads((out / "summary.json").read_text())
-    return {**time_lost(first, second, summary.get("parts") or {}), "tiles": summary["tiles"], "nuclei": summary["nuclei"], "tissue_mm2": summary["tissue_area_mm2"],
+    return {**time_lost(first, second, summary.get("parts") or {}),
+            "tiles": summary["tiles"], "nuclei": summary["nuclei"], "tissue_mm2": summary["tissue_area_mm2"],
             "dropped_oversize": summary.get("dropped_oversize"),
             "first_sitting": first, "to_the_end": second, "parts": summary.get("parts"),
             "wall_s_total": round((first["wall_s"] if first else 0) + second["wall_s"], 1),

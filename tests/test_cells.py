@@ -155,9 +155,9 @@ def test_the_grower_holds_a_band_of_tiles_not_the_slide():
         grower, most = CellGrower(grid, 20), 0
         for t in grid.tiles:  # the stitcher's reading order
             assert grower.add(t, []) is not None
-            most = max(most, len(grower._needed_by), len(grower._arrived))
+            most = max(most, len(grower._needed_by), len(grower._nuclei))
         grower.close()
-        assert not grower._needed_by and not grower._arrived  # nothing left behind
+        assert not grower._needed_by and not grower._nuclei  # nothing left behind
         return most
 
     short, tall = most_held(2000), most_held(12000)

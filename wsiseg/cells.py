@@ -120,9 +120,9 @@ class CellGrower:
         self._pos = {(t.row, t.col): t for t in grid.tiles}
         self._queue: deque = deque()  # (tile, nuclei) waiting for their neighbourhood, in arrival order
         self._nuclei: dict[tuple[int, int], list[Nucleus]] = {}
-        self._arrived: set[tuple[int, int]] = set()
-        # tiles still needed: how many tiles that reach each one have not yet had their cells grown; an entry
-        # is made when first needed and dropped at zero, so the state holds a band of tiles, not the slide
+        # the tiles arrived and still needed: how many tiles that reach each one have not yet had their cells
+        # grown (reaching is symmetric, so it starts at the number it reaches); dropped at zero, so the state
+        # holds a band of tiles, not the slide
         self._needed_by: dict[tuple[int, int], int] = {}
 
     def _reaching(self, t: Tile) -> list[tuple[int, int]]:
@@ -142,8 +142,9 @@ class CellGrower:
     def add(self, tile: Tile, nuclei: list[Nucleus]) -> list[tuple[Tile, list[Nucleus]]]:
         rc = (tile.row, tile.col)
         self._nuclei[rc] = nuclei
-        self._arrived.add(rc)
-        self._queue.append((tile, nuclei, self._reaching(tile)))
+        near = self._reaching(tile)
+        self._needed_by[rc] = len(near)
+        self._queue.append((tile, nuclei, near))
         return self._ready()
 
     def close(self) -> list[tuple[Tile, list[Nucleus]]]:
@@ -153,20 +154,18 @@ class CellGrower:
         out = []
         while self._queue:
             tile, nuclei, near = self._queue[0]
-            if not drain and not all(q in self._arrived for q in near):
+            if not drain and not all(q in self._needed_by for q in near):
                 break
             self._queue.popleft()
             self._grow(nuclei, [m for q in near for m in self._nuclei.get(q, [])])
             out.append((tile, nuclei))
             for q in near:  # a tile is forgotten once every tile that reaches it has its cells
-                # (reaching is symmetric: the tiles that reach q are the tiles q reaches)
-                left = self._needed_by.get(q, len(self._reaching(self._pos[q]))) - 1
-                if left > 0:
-                    self._needed_by[q] = left
-                else:
-                    self._needed_by.pop(q, None)
+                if q not in self._needed_by:  # (draining: q never arrived)
+                    continue
+                self._needed_by[q] -= 1
+                if self._needed_by[q] == 0:
+                    del self._needed_by[q]
                     self._nuclei.pop(q, None)
-                    self._arrived.discard(q)
         return out
 
     def _grow(self, nuclei: list[Nucleus], pool: list[Nucleus]) -> None:
