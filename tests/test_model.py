@@ -326,3 +326,53 @@ def test_roi_sampling_ratio_comes_from_the_card():
                      config=ModelConfig(roi_sampling_ratio=-1))
     with pytest.raises(ValueError, match="roi_sampling_ratio"):
         card.validate()
+
+
+@pytest.mark.parametrize("backbone", ["resnet18", "mobilenet_v3_large", "efficientnet_lite0"])
+def test_folding_batchnorm_keeps_the_network_the_same_function(backbone):
+    """Inference folds each BatchNorm into the convolution before it (bf16 on the CPU: no fp32 round trip per
+    layer); the folded network must compute what the trained one computes, BatchNorm statistics included."""
+    import copy
+
+    from wsiseg.model import fold_batchnorm
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(**{**tiny_config().__dict__, "backbone": backbone, "norm": "batchnorm"})
+    model = build_model(cfg).eval()
+    with torch.no_grad():  # statistics and affine parameters far from the identity, so folding matters
+        for m in model.modules():
+            if getattr(m, "running_var", None) is not None:
+                m.running_mean.uniform_(-1, 1)
+                m.running_var.uniform_(0.2, 3)
+                if getattr(m, "weight", None) is not None:
+                    m.weight.uniform_(0.5, 2)
+                    m.bias.uniform_(-0.5, 0.5)
+    with pytest.raises(ValueError, match="eval mode"):
+        fold_batchnorm(copy.deepcopy(model).train())
+    folded = fold_batchnorm(copy.deepcopy(model))
+    assert not [n for n, m in folded.named_modules() if getattr(m, "running_var", None) is not None]
+    x = torch.rand(2, 3, 128, 128)
+    with torch.inference_mode():
+        want, got = model.backbone(x), folded.backbone(x)
+        for k in want:
+            scale = want[k].abs().max().item()
+            assert torch.allclose(got[k], want[k], atol=1e-4 * scale, rtol=1e-4), (backbone, k)
+        a, b = model(list(x)), folded(list(x))
+    for da, db in zip(a, b):
+        n = min(len(da["scores"]), len(db["scores"]), 20)
+        assert torch.allclose(da["scores"][:n], db["scores"][:n], atol=1e-3)
+
+
+def test_the_predictor_folds_its_own_model_not_the_saved_weights(tmp_path):
+    from wsiseg.card import ModelCard, default_classes
+    from wsiseg.model import save_model
+
+    cfg = ModelConfig(**{**tiny_config().__dict__, "backbone": "efficientnet_lite0"})
+    card = ModelCard(name="tiny-lite0", classes=default_classes(["nucleus"]), mpp=0.5, tile_size=128, overlap=48,
+                     config=cfg, score_threshold=0.0, description="random weights")
+    path = save_model(build_model(cfg), card, tmp_path / "lite0.safetensors")
+    net, _ = load_model(path)
+    pred = MaskRCNNPredictor(net, card, select_device("cpu"))
+    assert not [m for m in pred.model.modules() if getattr(m, "running_var", None) is not None]
+    again, _ = load_model(path)  # the file is untouched: the same network loads from it
+    assert any(getattr(m, "running_var", None) is not None for m in again.modules())

@@ -9,6 +9,7 @@ the mean gap between confidence and accuracy over equal-width confidence bins, w
 
 from __future__ import annotations
 
+import copy
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -128,7 +129,7 @@ def calibrate_model(model: str | os.PathLike, samples: list, out: str | os.PathL
     from .model import load_model, save_model
 
     net, card = load_model(model)
-    pred = MaskRCNNPredictor(net, card, select_device(device))
+    pred = MaskRCNNPredictor(copy.deepcopy(net), card, select_device(device))  # it folds BatchNorm: saved is net
     cal, _, _ = calibrate_predictor(pred, samples)
     before = card.config.class_temperature
     card.config.class_temperature = round(before * cal.temperature, 4)

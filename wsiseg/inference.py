@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from .card import ModelCard
+from .model import fold_batchnorm
 from .detections import ModelOutput, RawDetections, TileDetections
 from .errors import DeviceUnavailableError
 
@@ -149,7 +150,9 @@ class Predictor(Protocol):
 
 
 class MaskRCNNPredictor:
-    """Runs a torchvision Mask R-CNN on batches of tiles; masks stay as box-sized crops."""
+    """Runs a torchvision Mask R-CNN on batches of tiles; masks stay as box-sized crops. It takes ``model`` as
+    its own and changes it for inference (eval mode, BatchNorm folded, thresholds): pass a copy of a model
+    that is still to be trained or saved."""
 
     def __init__(self, model: torch.nn.Module, card: ModelCard, device: DeviceConfig | None = None,
                  score_threshold: float | None = None, prefilter: bool = True):
@@ -161,7 +164,9 @@ class MaskRCNNPredictor:
             # boxes scoring below the threshold would be dropped after the mask head: drop them before it.
             # NMS and the top-k keep the same boxes above it, so the detections kept are the same
             model.roi_heads.score_thresh = max(model.roi_heads.score_thresh, self.score_threshold)
-        model = model.eval().to(self.device.device)
+        # BatchNorm folded into the convolutions before it: the same function, without a bf16 -> fp32 -> bf16
+        # round trip per layer (the predictor owns its model: ``load_predictor`` builds one for it)
+        model = fold_batchnorm(model.eval()).to(self.device.device)
         if self.device.channels_last:
             model = model.to(memory_format=torch.channels_last)
             # the mask head's GroupNorm on 14x14 channels-last maps is ~10x slower on the CPU than on NCHW ones

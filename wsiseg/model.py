@@ -248,6 +248,51 @@ def build_model(cfg: ModelConfig, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224,
     return model
 
 
+def fold_batchnorm(model: nn.Module) -> nn.Module:
+    """Fold every BatchNorm (frozen, or in eval mode) that directly follows a convolution into that
+    convolution's weights and bias, in place; the BatchNorm's activation, if it carries one, stays.
+
+    The same function of the input in exact arithmetic, for inference only: under bf16 autocast on the CPU
+    a separate BatchNorm costs a conversion to fp32 and back per layer (about 40% of EfficientNet-Lite0's
+    forward pass). Written for the backbones ``build_backbone`` makes, whose convolution and BatchNorm are
+    neighbouring children in the order they run."""
+    import torch
+
+    if model.training:
+        raise ValueError("fold_batchnorm is for inference: put the model in eval mode first")
+    with torch.no_grad():
+        _fold_children(model)
+    return model
+
+
+def _is_batchnorm(m: nn.Module) -> bool:
+    return "BatchNorm" in type(m).__name__ and getattr(m, "running_var", None) is not None
+
+
+def _fold_children(module: nn.Module) -> None:
+    names = list(module._modules)
+    for a, b in zip(names, names[1:]):
+        conv, bn = module._modules[a], module._modules[b]
+        if not (isinstance(conv, nn.Conv2d) and _is_batchnorm(bn)):
+            continue
+        scale = (bn.running_var + bn.eps).rsqrt()
+        if getattr(bn, "weight", None) is not None:
+            scale = scale * bn.weight
+        shift = -bn.running_mean * scale
+        if getattr(bn, "bias", None) is not None:
+            shift = shift + bn.bias
+        if conv.bias is not None:
+            shift = shift + conv.bias * scale
+        conv.weight = nn.Parameter(conv.weight * scale.reshape(-1, 1, 1, 1), requires_grad=False)
+        conv.bias = nn.Parameter(shift.to(conv.weight.dtype), requires_grad=False)
+        rest = [m for m in (getattr(bn, "drop", None), getattr(bn, "act", None))
+                if m is not None and not isinstance(m, nn.Identity)]
+        module._modules[b] = nn.Sequential(*rest) if rest else nn.Identity()
+    for child in module.children():
+        if child is not None:
+            _fold_children(child)
+
+
 def save_model(model: nn.Module, card: ModelCard, path: str | os.PathLike, half: bool = False) -> Path:
     """Write weights as safetensors with the card in its metadata, plus ``<name>.json`` beside it."""
     from safetensors.torch import save_file

@@ -8,6 +8,7 @@ inside the ROI heads, per sampled proposal; no image is dropped.
 
 from __future__ import annotations
 
+import copy
 import csv
 import json
 import math
@@ -25,7 +26,7 @@ from torchvision.models.detection.roi_heads import project_masks_on_boxes
 
 from .atomic import write_text_atomic
 from .augment import random_crop
-from .card import ModelCard, ModelConfig, default_classes
+from .card import ModelCard, ModelConfig, default_classes, load_card
 from .datasets import Sample, load_dataset
 from .evaluation import evaluate_predictor
 from .model import TIMM_BACKBONES, NucleusRoIHeads, build_model, save_model
@@ -563,8 +564,7 @@ def validate_pools(model: torch.nn.Module, card: ModelCard, pools: list[Pool], c
     from .inference import CachedPredictor, MaskRCNNPredictor
 
     thresholds = sorted(set(score_thresholds or [card.score_threshold]))
-    model.eval()
-    pred = MaskRCNNPredictor(model, card, device, score_threshold=thresholds[0])
+    pred = MaskRCNNPredictor(copy.deepcopy(model), card, device, score_threshold=thresholds[0])  # it folds BatchNorm
     if len(thresholds) > 1:  # the model's output is kept only when it is read again
         pred = CachedPredictor(pred)
     results = {}
@@ -616,7 +616,7 @@ def _init_source(cfg: TrainConfig, card: ModelCard) -> str | None:
     """The model file whose weights start the run (``init``), after taking its input normalisation."""
     if not cfg.init:
         return None
-    from .card import default_model_path, load_card
+    from .card import default_model_path
 
     src = default_model_path() if cfg.init == "default" else cfg.init
     if src is None:
@@ -703,6 +703,10 @@ def train(cfg: TrainConfig, log=print) -> dict:
         log(f"backbone {card.config.backbone} initialised with ImageNet weights ({info['file']})")
     if src is None and card.config.pretrained and provenance.exists():
         card.training["pretrained_backbone"] = json.loads(provenance.read_text())
+    if src is not None:  # weights started from a model that started from ImageNet still descend from it
+        inherited = load_card(src).training.get("pretrained_backbone")
+        if inherited:
+            card.training["pretrained_backbone"] = inherited
     if src is not None and not ckpt.exists():
         info = init_weights(model, class_names, src)
         card.training["init_weights"] = info
