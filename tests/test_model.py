@@ -305,7 +305,8 @@ def test_mask_head_on_nchw_maps_keeps_the_same_detections(data_dir):
     assert mixed.device.channels_last
     head = mixed.model.roi_heads.mask_head[0][0].weight
     assert head.is_contiguous() and not head.is_contiguous(memory_format=torch.channels_last)
-    assert mixed.model.backbone.body.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    first_conv = next(m for m in mixed.model.backbone.body.modules() if isinstance(m, torch.nn.Conv2d))
+    assert first_conv.weight.is_contiguous(memory_format=torch.channels_last)
     nhwc = MaskRCNNPredictor(*load_model(default_model_path()), select_device("cpu", "fp32"))
     nhwc.model.roi_heads.mask_head.to(memory_format=torch.channels_last)
     for a, b in zip(mixed.predict(tiles), nhwc.predict(tiles)):
