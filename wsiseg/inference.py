@@ -18,9 +18,9 @@ import numpy as np
 import torch
 
 from .card import ModelCard
-from .model import fold_batchnorm
 from .detections import ModelOutput, RawDetections, TileDetections
 from .errors import DeviceUnavailableError
+from .model import fold_batchnorm
 
 
 @dataclass(frozen=True)

@@ -289,8 +289,7 @@ def _fold_children(module: nn.Module) -> None:
                 if m is not None and not isinstance(m, nn.Identity)]
         module._modules[b] = nn.Sequential(*rest) if rest else nn.Identity()
     for child in module.children():
-        if child is not None:
-            _fold_children(child)
+        _fold_children(child)
 
 
 def save_model(model: nn.Module, card: ModelCard, path: str | os.PathLike, half: bool = False) -> Path:

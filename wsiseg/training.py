@@ -26,7 +26,7 @@ from torchvision.models.detection.roi_heads import project_masks_on_boxes
 
 from .atomic import write_text_atomic
 from .augment import random_crop
-from .card import ModelCard, ModelConfig, default_classes, load_card
+from .card import ModelCard, ModelConfig, default_classes
 from .datasets import Sample, load_dataset
 from .evaluation import evaluate_predictor
 from .model import TIMM_BACKBONES, NucleusRoIHeads, build_model, save_model
@@ -613,16 +613,19 @@ def _training_card(cfg: TrainConfig, pools: list[Pool], class_names: list[str]) 
 
 
 def _init_source(cfg: TrainConfig, card: ModelCard) -> str | None:
-    """The model file whose weights start the run (``init``), after taking its input normalisation."""
+    """The model file whose weights start the run (``init``), after taking its input normalisation and, for
+    weights that descend from an ImageNet backbone, that backbone's provenance."""
     if not cfg.init:
         return None
-    from .card import default_model_path
+    from .card import default_model_path, load_card
 
     src = default_model_path() if cfg.init == "default" else cfg.init
     if src is None:
         raise ValueError("init: default, but no default model is bundled with this installation")
     source = load_card(src)
     card.mean, card.std = source.mean, source.std  # the weights expect their own input normalisation
+    if source.training.get("pretrained_backbone"):
+        card.training["pretrained_backbone"] = source.training["pretrained_backbone"]
     return src
 
 
@@ -703,10 +706,6 @@ def train(cfg: TrainConfig, log=print) -> dict:
         log(f"backbone {card.config.backbone} initialised with ImageNet weights ({info['file']})")
     if src is None and card.config.pretrained and provenance.exists():
         card.training["pretrained_backbone"] = json.loads(provenance.read_text())
-    if src is not None:  # weights started from a model that started from ImageNet still descend from it
-        inherited = load_card(src).training.get("pretrained_backbone")
-        if inherited:
-            card.training["pretrained_backbone"] = inherited
     if src is not None and not ckpt.exists():
         info = init_weights(model, class_names, src)
         card.training["init_weights"] = info
