@@ -2,7 +2,7 @@
 
 Each candidate is built with random weights and timed on real MoNuSeg crops
 (training step: batch of 4 tiles with their nuclei, bf16 autocast, backward
-and optimiser step; inference: backbone + RPN + heads on one tile). This is
+and optimiser step; inference, BatchNorm folded as ``wsiseg segment`` runs it: backbone + RPN + heads on one tile). This is
 the "CPU seconds" half of the default-model choice: how many training steps a
 fixed budget on this machine buys, and how fast a slide is segmented.
 
@@ -47,7 +47,7 @@ def main() -> None:
     from wsiseg.augment import random_crop
     from wsiseg.card import ModelConfig
     from wsiseg.datasets import InstanceFolder
-    from wsiseg.model import build_model
+    from wsiseg.model import build_model, fold_batchnorm
     from wsiseg.training import _to_torch, enable_partial_labels
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -83,7 +83,7 @@ def main() -> None:
             opt.step()
             times.append(time.perf_counter() - t0)
         train_s = float(np.median(times[1:]))
-        model.eval().to(memory_format=torch.channels_last)
+        model = fold_batchnorm(model.eval()).to(memory_format=torch.channels_last)  # as inference runs it
         times = []
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
             for _ in range(args.repeats + 1):

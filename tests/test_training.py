@@ -261,6 +261,44 @@ def test_train_resume_and_export(tmp_path, data_dir):
     assert float(rows[-1].split(",")[2]) != 9.9
 
 
+def test_a_run_carried_to_another_machine_goes_on_at_its_step(tmp_path, data_dir):
+    """``carry_run`` keeps what a later machine needs without optimizer state; training with the carried folder
+    as its run folder continues at the carried step from those weights."""
+    import torch
+    from safetensors.torch import load_file
+
+    from wsiseg.training import CARRIED_WEIGHTS, carry_run
+
+    cfg = TrainConfig(name="t", data=str(data_dir / "consep-train"), val_names=["train_1_000"],
+                      model=dict(backbone="resnet18", width=8, fpn_channels=32, box_head_dim=64,
+                                 mask_head_channels=16, detections_per_tile=50),
+                      tile_size=128, overlap=32, steps=2, batch_size=1, val_every=2, warmup_steps=1,
+                      out=str(tmp_path / "run"), threads=1)
+    train(cfg, log=lambda *_: None)
+    with pytest.raises(FileNotFoundError, match="no last.pt"):
+        carry_run(tmp_path / "nothing", tmp_path / "x")
+    carried = carry_run(tmp_path / "run", tmp_path / "carried")
+    assert carried.name == CARRIED_WEIGHTS
+    assert {p.name for p in (tmp_path / "carried").iterdir()} >= {CARRIED_WEIGHTS, "best.safetensors", "loss.csv"}
+    assert not (tmp_path / "carried" / "last.pt").exists()
+    last = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    weights = load_file(carried)
+    assert set(weights) == set(last["model"])  # the network's tensors and nothing else: no optimizer state
+    k = next(k for k, v in last["model"].items() if v.is_floating_point() and v.numel() > 100)
+    assert torch.equal(weights[k], last["model"][k].half())
+    logs = []
+    cfg.out, cfg.steps = str(tmp_path / "carried"), 3
+    train(cfg, log=logs.append)
+    assert any("went on from" in m and "at step 2" in m for m in logs)
+    rows = (tmp_path / "carried" / "loss.csv").read_text().splitlines()[1:]
+    assert [int(r.split(",")[0]) for r in rows] == [1, 2, 3]
+    assert torch.load(tmp_path / "carried" / "last.pt", weights_only=True)["step"] == 3
+    (tmp_path / "carried" / "last.pt").unlink()
+    (tmp_path / "carried" / CARRIED_WEIGHTS).write_bytes(b"not safetensors")
+    with pytest.raises(ValueError, match="not weights carried"):
+        train(cfg, log=lambda *_: None)
+
+
 def test_train_takes_its_device_from_select_device(tmp_path, data_dir, monkeypatch):
     """Training and its validation run where select_device says (CUDA when present); asking for an absent
     accelerator is the same clear error as for inference, before any work is done."""

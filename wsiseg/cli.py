@@ -225,6 +225,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = TrainConfig.from_yaml(args.config)
     if args.out:
         cfg.out = args.out
+    if args.carry:
+        from .training import carry_run
+
+        path = carry_run(cfg.out, args.carry)
+        print(f"carried {cfg.out} to {args.carry} ({path.name}: weights without optimizer state); go on with: "
+              f"wsiseg train {args.config} --out {args.carry}")
+        return 0
     if args.steps:
         cfg.steps = args.steps
     if args.max_minutes:
@@ -393,6 +400,9 @@ def _add_train(sub) -> None:
                    help="stop this sitting after this much training time (checkpointed; run again to resume)")
     p.add_argument("--init", default=None,
                    help="fine-tune: start from this model's weights ('default': the bundled model)")
+    p.add_argument("--carry", default=None, metavar="DIR",
+                   help="train nothing: copy what another machine needs to go on with the run (its last weights "
+                        "without optimizer state, best model, logs) into DIR; then train with --out DIR")
     p.set_defaults(func=cmd_train)
 
 

@@ -461,6 +461,63 @@ def load_checkpoint(path: Path, model: torch.nn.Module, opt: torch.optim.Optimiz
     return step, float(state.get("seconds", 0.0))
 
 
+CARRIED_WEIGHTS = "carried.safetensors"
+CARRIED_FILES = ("best.safetensors", "best.json", "val.jsonl", "loss.csv", "split.json", "pretrained.json")
+
+
+def carry_run(run: str | os.PathLike, dest: str | os.PathLike) -> Path:
+    """Copy what another machine needs to go on with a training run into ``dest``: the last checkpoint's
+    weights as fp16 safetensors with its step (``carried.safetensors``, no optimizer state), the best model,
+    and the logs. ``wsiseg train CONFIG --out DEST`` then continues at that step, with AdamW's moments
+    started afresh."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from .atomic import atomic_path
+
+    run, dest = Path(run), Path(dest)
+    ckpt = run / "last.pt"
+    if not ckpt.exists():
+        raise FileNotFoundError(f"{run}: no last.pt to carry (has this run trained a step?)")
+    try:
+        state = torch.load(ckpt, weights_only=True, map_location="cpu")
+        step, seconds = int(state["step"]), float(state.get("seconds", 0.0))
+        weights = {k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in state["model"].items()}
+    except Exception as exc:  # torch raises many kinds for a damaged file
+        raise ValueError(f"{ckpt}: training checkpoint is damaged or not a wsiseg checkpoint ({exc})") from None
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in CARRIED_FILES:
+        if (run / name).exists() and (run / name).resolve() != (dest / name).resolve():
+            shutil.copyfile(run / name, dest / name)
+    with atomic_path(dest / CARRIED_WEIGHTS) as tmp:
+        save_file(weights, str(tmp), metadata={"step": str(step), "seconds": repr(seconds)})
+        os.chmod(tmp, 0o644)
+    if (dest / "loss.csv").exists():
+        _truncate_log(dest / "loss.csv", step)  # rows past the checkpoint would be trained again
+    return dest / CARRIED_WEIGHTS
+
+
+def load_carried(path: Path, model: torch.nn.Module) -> tuple[int, float]:
+    """Load the weights :func:`carry_run` wrote into ``model``; returns their step and training seconds."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            state = {k: f.get_tensor(k) for k in f.keys()}
+        step, seconds = int(meta["step"]), float(meta.get("seconds", 0.0))
+    except Exception as exc:  # safetensors raises several kinds for a damaged file
+        raise ValueError(f"{path}: not weights carried from a training run ({type(exc).__name__}: {exc}); "
+                         f"move it away to train from the start") from None
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise ValueError(f"{path}: the carried weights do not fit the configured network (the 'model' settings "
+                         f"changed?): {str(exc).splitlines()[0]}") from None
+    return step, seconds
+
+
 @dataclass
 class Pool:
     """One dataset's training and validation images, and its share of the training crops."""
@@ -697,8 +754,10 @@ def train(cfg: TrainConfig, log=print) -> dict:
     torch.manual_seed(cfg.seed)
     model = enable_partial_labels(build_model(card.config, card.mean, card.std))
     ckpt = out / "last.pt"
+    carried = out / CARRIED_WEIGHTS  # weights carried from another machine: go on from them without last.pt
+    resuming = ckpt.exists() or carried.exists()
     provenance = out / "pretrained.json"  # where the backbone's ImageNet weights came from, for every sitting
-    if src is None and card.config.pretrained and not ckpt.exists():
+    if src is None and card.config.pretrained and not resuming:
         from .pretrained import load_imagenet_backbone
 
         info = load_imagenet_backbone(model, card.config.backbone)
@@ -706,7 +765,7 @@ def train(cfg: TrainConfig, log=print) -> dict:
         log(f"backbone {card.config.backbone} initialised with ImageNet weights ({info['file']})")
     if src is None and card.config.pretrained and provenance.exists():
         card.training["pretrained_backbone"] = json.loads(provenance.read_text())
-    if src is not None and not ckpt.exists():
+    if src is not None and not resuming:
         info = init_weights(model, class_names, src)
         card.training["init_weights"] = info
         log(f"initialised from {src}: {info['copied_tensors']} tensors copied"
@@ -721,6 +780,10 @@ def train(cfg: TrainConfig, log=print) -> dict:
         step, seconds_before = load_checkpoint(ckpt, model, opt)
         best = json.loads((out / "best.json").read_text()) if (out / "best.json").exists() else best
         log(f"resumed from {ckpt} at step {step}")
+    elif carried.exists():
+        step, seconds_before = load_carried(carried, model)
+        best = json.loads((out / "best.json").read_text()) if (out / "best.json").exists() else best
+        log(f"went on from {carried} at step {step} (carried weights: AdamW's moments start afresh)")
     rng = np.random.default_rng(cfg.seed + step)
     logf, logw = _open_loss_log(out / "loss.csv", step)
     t0 = time.time()
