@@ -600,3 +600,57 @@ def test_train_on_several_datasets_with_their_splits(tmp_path, monkeypatch):
     assert saved["typed"]["val"] == ["t_2"] and len(saved["plain"]["val"]) == 1
     with pytest.raises(ValueError, match="'path'"):
         tr.training_pools(TrainConfig(datasets=[{"where": str(plain)}]))
+
+
+def test_a_dataset_entry_of_qupath_nuclei_over_a_slide_trains_without_validation(tmp_path, data_dir):
+    """The skin labels shipped in examples/skin (QuPath GeoJSON over the bundled 20x slide) are a ``datasets:``
+    entry with its ``slide``; ``val_fraction: 0`` keeps all of it for training."""
+    from pathlib import Path
+
+    from wsiseg.training import training_pools
+
+    repo = Path(__file__).resolve().parents[1]
+    cfg = TrainConfig(name="t", class_names=["epithelial", "inflammatory", "spindle", "other"], datasets=[
+        {"name": "consep", "path": str(data_dir / "consep-train"), "share": 0.5,
+         "split": str(repo / "configs" / "split-consep.json")},
+        {"name": "skin", "path": str(repo / "examples" / "skin" / "CMU-1-Small-Region.labels.geojson.gz"),
+         "slide": str(repo / "examples" / "CMU-1-Small-Region.svs"), "share": 0.5, "val_fraction": 0}],
+        out=str(tmp_path / "run"))
+    pools, names = training_pools(cfg)
+    skin = pools[1]
+    assert skin.val == [] and skin.split["val"] == [] and len(skin.train) == 1
+    (s,) = skin.train
+    assert s.mpp == pytest.approx(0.499, abs=1e-3)  # the slide's, so crops are resampled to the model's mpp
+    classes = list(s.classes.values())
+    n = int(len(np.unique(s.instances)) - 1)
+    assert n > 400 and classes.count(names.index("epithelial")) > 200
+    assert len(classes) < n  # nuclei outside the labelled areas have no class (trained as nuclei only)
+    img, t = random_crop(s, 128, 0.25, np.random.default_rng(0))
+    assert img.shape == (128, 128, 3) and len(t["labels"]) > 0
+
+
+def test_skin_labels_follow_the_region_rules():
+    """examples/skin/skin_labels.py: epidermis -> epithelial; dermis -> the model's class only where sure;
+    elsewhere in the label region no class; outside it, left out."""
+    import sys
+    from pathlib import Path
+
+    from shapely.geometry import box
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "skin"))
+    from skin_labels import label_nuclei
+
+    def nucleus(x, y, name=None, p=0.0):
+        ring = [[x - 2, y - 2], [x + 2, y - 2], [x + 2, y + 2], [x - 2, y + 2], [x - 2, y - 2]]
+        props = {"measurements": {"Class probability": p}}
+        if name:
+            props["classification"] = {"name": name, "color": [1, 2, 3]}
+        return {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [ring]}, "properties": props}
+
+    areas = {"label region": box(0, 0, 100, 100), "epidermis (train)": box(0, 0, 50, 100),
+             "dermis (train)": box(50, 0, 80, 100)}
+    nuclei = [nucleus(10, 10, "spindle", 0.99), nucleus(60, 10, "spindle", 0.9), nucleus(60, 30, "inflammatory", 0.6),
+              nucleus(90, 10, "spindle", 0.99), nucleus(150, 10, "spindle", 0.99)]
+    out = label_nuclei(nuclei, areas, sure=0.8)
+    names = [(f["properties"].get("classification") or {}).get("name") for f in out]
+    assert names == ["epithelial", "spindle", None, None]

@@ -340,7 +340,7 @@ def split_names(names: list[str], cfg: TrainConfig) -> tuple[list[str], list[str
     sources = sorted({_source(n) for n in names})
     rng = random.Random(cfg.seed)
     rng.shuffle(sources)
-    k = max(1, int(round(len(sources) * cfg.val_fraction)))
+    k = max(1, int(round(len(sources) * cfg.val_fraction))) if cfg.val_fraction > 0 else 0  # 0: training only
     val_src = set(sources[:k])
     return [n for n in names if _source(n) not in val_src], [n for n in names if _source(n) in val_src]
 
@@ -529,7 +529,7 @@ class Pool:
     split: dict[str, list[str]]
 
 
-DATASET_KEYS = {"path", "name", "share", "split", "val_fraction", "mpp"}
+DATASET_KEYS = {"path", "name", "share", "split", "val_fraction", "mpp", "slide"}
 
 
 def _dataset_pool(d: dict[str, Any], cfg: TrainConfig, class_names: list[str] | None) -> tuple[Pool, list[str]]:
@@ -540,7 +540,7 @@ def _dataset_pool(d: dict[str, Any], cfg: TrainConfig, class_names: list[str] | 
     if not isinstance(d, dict) or "path" not in d or set(d) - DATASET_KEYS:
         raise ValueError(f"datasets: each entry is a mapping with 'path' and optionally {sorted(DATASET_KEYS - {'path'})}"
                          f", got {d!r}")
-    data = load_dataset(d["path"], class_names, mpp=d.get("mpp"))
+    data = load_dataset(d["path"], class_names, slide=d.get("slide"), mpp=d.get("mpp"))
     if not data.samples:
         raise ValueError(f"{d['path']}: holds no images")
     class_names = class_names or data.class_names
