@@ -642,8 +642,9 @@ def test_skin_labels_follow_the_region_rules():
 
     def nucleus(x, y, name=None, p=0.0):
         ring = [[x - 2, y - 2], [x + 2, y - 2], [x + 2, y + 2], [x - 2, y + 2], [x - 2, y - 2]]
-        props = {"measurements": {"Class probability": p}}
-        if name:
+        props = {"measurements": {"Class probability": p, f"Class probability: {name}": p,
+                                  "Class probability: other": (1 - p) / 2}}
+        if p >= 0.5:  # as wsiseg writes it: an uncertain class is no classification
             props["classification"] = {"name": name, "color": [1, 2, 3]}
         return {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [ring]}, "properties": props}
 
@@ -654,3 +655,7 @@ def test_skin_labels_follow_the_region_rules():
     out = label_nuclei(nuclei, areas, sure=0.8)
     names = [(f["properties"].get("classification") or {}).get("name") for f in out]
     assert names == ["epithelial", "spindle", None, None]
+    nuclei[2] = nucleus(60, 30, "inflammatory", 0.45)  # uncertain: no classification in the file
+    out = label_nuclei(nuclei, areas, sure=0.0)  # the model's most likely class, however likely
+    assert [(f["properties"].get("classification") or {}).get("name") for f in out] == [
+        "epithelial", "spindle", "inflammatory", None]

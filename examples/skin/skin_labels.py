@@ -31,9 +31,9 @@ def regions(path: Path) -> dict:
     return {f["properties"]["name"]: shape(f["geometry"]) for f in doc["features"]}
 
 
-def label_nuclei(nuclei: list[dict], areas: dict, sure: float) -> list[dict]:
-    """Detections (nucleus outlines) inside the label region, classified by the region rules above."""
-    rect, epi, derm = areas["label region"], areas["epidermis (train)"], areas["dermis (train)"]
+def label_nuclei(nuclei: list[dict], areas: dict, sure: float, label_region: str = "label region") -> list[dict]:
+    """Detections (nucleus outlines) inside a label region, classified by the region rules above."""
+    rect, epi, derm = areas[label_region], areas["epidermis (train)"], areas["dermis (train)"]
     colors = {c["name"]: c["color"] for f in nuclei if (c := (f.get("properties") or {}).get("classification"))}
     out = []
     for f in nuclei:
@@ -47,9 +47,9 @@ def label_nuclei(nuclei: list[dict], areas: dict, sure: float) -> list[dict]:
             cls = "epithelial"
         elif derm.contains(c):
             m = props.get("measurements", {})
-            name = (props.get("classification") or {}).get("name")
-            if name and m.get("Class probability", 0.0) >= sure:
-                cls = name
+            probs = {k.split(": ", 1)[1]: v for k, v in m.items() if k.startswith("Class probability: ")}
+            if probs and max(probs.values()) >= sure:
+                cls = max(probs, key=probs.get)  # the model's most likely class, uncertain or not
         feat = {"type": "Feature", "geometry": geom, "properties": {"objectType": "detection"}}
         if cls:
             feat["properties"]["classification"] = {"name": cls, "color": colors.get(cls, [0, 200, 83])}
@@ -62,17 +62,19 @@ def main() -> None:
     ap.add_argument("segment_out", help="a `wsiseg segment` output folder of the sample slide")
     ap.add_argument("out", help="labels GeoJSON to write (.geojson or .geojson.gz)")
     ap.add_argument("--regions", default=str(HERE / "CMU-1-Small-Region.regions.geojson"))
-    ap.add_argument("--sure", type=float, default=0.8, help="dermis nuclei keep the model's class from this probability")
+    ap.add_argument("--label-region", default="label region", help="the rectangle whose nuclei to write")
+    ap.add_argument("--sure", type=float, default=0.0,
+                    help="dermis nuclei take the model's most likely class where it is at least this likely")
     args = ap.parse_args()
     seg = Path(args.segment_out)
     summary = json.loads((seg / "summary.json").read_text())
     src = next(seg.glob("*.geojson*"))
     with (gzip.open(src, "rt") if src.suffix == ".gz" else open(src)) as f:
         nuclei = json.load(f)["features"]
-    feats = label_nuclei(nuclei, regions(Path(args.regions)), args.sure)
+    feats = label_nuclei(nuclei, regions(Path(args.regions)), args.sure, args.label_region)
     doc = {"type": "FeatureCollection", "features": feats,
            "wsiseg_labels": {"outlines_from": summary.get("model"), "regions": Path(args.regions).name,
-                             "sure": args.sure}}
+                             "label_region": args.label_region, "sure": args.sure}}
     text = json.dumps(doc, separators=(",", ":"))
     out = Path(args.out)
     if out.suffix == ".gz":
