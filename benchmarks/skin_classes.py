@@ -52,7 +52,7 @@ def main() -> None:
 
     doc = json.loads(REGIONS.read_text())
     regions = {f["properties"]["name"]: shape(f["geometry"]) for f in doc["features"]
-               if f["properties"]["name"] != "label region"}
+               if not f["properties"]["name"].startswith("label region")}
     results = {}
     for model in args.models:
         pred = load_predictor(model, device="cpu")
