@@ -3,13 +3,16 @@ they lie, as QuPath GeoJSON that ``wsiseg train`` reads (``datasets: [{path: ...
 
     wsiseg segment examples/CMU-1-Small-Region.svs --out wsiseg-out/CMU-1 --overwrite
     python examples/skin/skin_labels.py wsiseg-out/CMU-1 examples/skin/CMU-1-Small-Region.labels.geojson.gz
+    python examples/skin/skin_labels.py wsiseg-out/CMU-1 examples/skin/CMU-1-Small-Region.dermis.geojson.gz \
+        --label-region "label region 2"
 
 The regions (``CMU-1-Small-Region.regions.geojson``, QuPath annotations drawn by eye; open them in QuPath over
 the slide) say what is known: every nucleus the model found inside the ``label region`` rectangle is a training
 nucleus (its outline is the model's); inside ``epidermis (train)`` its class is ``epithelial`` (stratified
-squamous epithelium: keratinocytes, basal layer included), inside ``dermis (train)`` it keeps the model's class
-where the model is sure of it (calibrated probability >= ``--sure``) and has no class otherwise, and elsewhere
-in the rectangle it has no class (the partial-label loss trains it as a nucleus only). The ``(check)`` regions
+squamous epithelium: keratinocytes, basal layer included), inside ``dermis (train)`` it takes the model's most
+likely class (with ``--sure P`` only where that class is at least P likely; no class otherwise), and elsewhere
+in the rectangle it has no class (the partial-label loss trains it as a nucleus only). ``--label-region "label
+region 2"`` writes the second rectangle's nuclei (dermis only). The ``(check)`` regions
 lie outside the rectangle and are never trained on: ``benchmarks/skin_classes.py`` counts the classes there.
 """
 
