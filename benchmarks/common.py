@@ -19,6 +19,24 @@ def write_result(path: str | os.PathLike, result: dict) -> Path:
 
 
 REPO = Path(__file__).resolve().parents[1]
+SAMPLE_SLIDE = REPO / "examples" / "CMU-1-Small-Region.svs"
+
+
+def segment_sample(model: str, **options):
+    """``segment_slide`` of the bundled sample slide with ``model`` on the CPU (``options``: SegmentOptions
+    fields beyond no progress bar and no statistics); returns its summary and its nucleus table."""
+    import tempfile
+
+    import pandas as pd
+
+    from wsiseg.inference import load_predictor
+    from wsiseg.pipeline import SegmentOptions, segment_slide
+
+    pred = load_predictor(model, device="cpu")
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "out"
+        summary = segment_slide(SAMPLE_SLIDE, pred, out, SegmentOptions(progress=False, stats=False, **options))
+        return summary, pd.read_parquet(out / f"{SAMPLE_SLIDE.stem}.nuclei.parquet")
 
 
 def validation_sets(config: str | os.PathLike) -> list[tuple[str, Path, list[str]]]:

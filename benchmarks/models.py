@@ -12,30 +12,20 @@ measured in the same run. The first model is the baseline.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
-import tempfile
 from pathlib import Path
 
-import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import write_result  # noqa: E402
+from common import SAMPLE_SLIDE as SLIDE  # noqa: E402
+from common import segment_sample, write_result  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-SLIDE = REPO / "examples" / "CMU-1-Small-Region.svs"
 
 
 def run_once(model: str) -> dict:
-    from wsiseg.inference import load_predictor
-    from wsiseg.pipeline import SegmentOptions, segment_slide
-
-    pred = load_predictor(model, device="cpu")
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "out"
-        s = segment_slide(SLIDE, pred, out, SegmentOptions(progress=False, stats=False))
-        t = pd.read_parquet(out / f"{SLIDE.stem}.nuclei.parquet")
+    s, t = segment_sample(model)
     share = (t.class_name.value_counts() / len(t)).round(3).to_dict()
     uncertain = float(t.class_uncertain.mean()) if "class_uncertain" in t else 0.0
     return {"wall_s": s["wall_s"], "tissue_mm2": s["tissue_area_mm2"], "nuclei": s["nuclei"],

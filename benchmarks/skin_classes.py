@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 from pathlib import Path
 
 import pandas as pd
@@ -23,10 +22,10 @@ from shapely import contains_xy
 from shapely.geometry import shape
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import write_result  # noqa: E402
+from common import SAMPLE_SLIDE as SLIDE  # noqa: E402
+from common import segment_sample, write_result  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-SLIDE = REPO / "examples" / "CMU-1-Small-Region.svs"
 REGIONS = REPO / "examples" / "skin" / "CMU-1-Small-Region.regions.geojson"
 
 
@@ -47,19 +46,12 @@ def main() -> None:
     ap.add_argument("models", nargs="+")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "skin_classes.json"))
     args = ap.parse_args()
-    from wsiseg.inference import load_predictor
-    from wsiseg.pipeline import SegmentOptions, segment_slide
-
     doc = json.loads(REGIONS.read_text())
     regions = {f["properties"]["name"]: shape(f["geometry"]) for f in doc["features"]
                if not f["properties"]["name"].startswith("label region")}
     results = {}
     for model in args.models:
-        pred = load_predictor(model, device="cpu")
-        with tempfile.TemporaryDirectory() as tmp:
-            out = Path(tmp) / "out"
-            segment_slide(SLIDE, pred, out, SegmentOptions(progress=False, stats=False, cell_expansion_um=0.0))
-            table = pd.read_parquet(out / f"{SLIDE.stem}.nuclei.parquet")
+        _, table = segment_sample(model, cell_expansion_um=0.0)
         results[model] = region_classes(table, regions)
     classes = ["epithelial", "inflammatory", "spindle", "other"]
     print(f"| model | region | nuclei | {' | '.join(classes)} | uncertain |")

@@ -9,31 +9,29 @@ import numpy as np
 from shapely import contains_xy
 from shapely.geometry import shape
 
+from wsiseg.evaluation import segment_image
 from wsiseg.inference import load_predictor
 from wsiseg.slide import open_slide
-from wsiseg.stitching import segment_array
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def _epidermis_check_classes(model: str) -> np.ndarray:
-    """Class names of the nuclei whose centroids lie in the held-out epidermis region (never trained on)."""
+    """Class names of the nuclei whose centroids lie in the held-out epidermis region (never trained on),
+    the region segmented as ``wsiseg segment`` segments the slide (resampled from 20x to the model's mpp)."""
     doc = json.loads((REPO / "examples" / "skin" / "CMU-1-Small-Region.regions.geojson").read_text())
     region = next(shape(f["geometry"]) for f in doc["features"] if f["properties"]["name"] == "epidermis (check)")
     x0, y0, x1, y1 = (int(v) for v in region.bounds)
     slide = open_slide(REPO / "examples" / "CMU-1-Small-Region.svs")
     rgb = slide.read_region((x0, y0), 0, (x1 - x0, y1 - y0))
     pred = load_predictor(str(REPO / "models" / model), device="cpu")
-    f = slide.mpp / pred.card.mpp  # 20x slide, 40x model: resampled as segment does it, here by cv2
-    import cv2
-
-    big = cv2.resize(rgb, (round(rgb.shape[1] * f), round(rgb.shape[0] * f)), interpolation=cv2.INTER_LINEAR)
-    labels, classes, _ = segment_array(big, pred, pred.card.tile_size, pred.card.overlap)
+    seg = segment_image(rgb, slide.mpp, pred)
+    labels = seg.at_image_resolution(rgb.shape[:2])
     names = []
     for i in np.unique(labels)[1:]:
         ys, xs = np.nonzero(labels == i)
-        if contains_xy(region, x0 + xs.mean() / f, y0 + ys.mean() / f):
-            names.append(pred.card.class_names[classes[int(i)]])
+        if contains_xy(region, x0 + xs.mean(), y0 + ys.mean()):
+            names.append(pred.card.class_names[seg.classes[int(i)]])
     return np.asarray(names)
 
 

@@ -292,19 +292,28 @@ def _fold_children(module: nn.Module) -> None:
         _fold_children(child)
 
 
-def save_model(model: nn.Module, card: ModelCard, path: str | os.PathLike, half: bool = False) -> Path:
-    """Write weights as safetensors with the card in its metadata, plus ``<name>.json`` beside it."""
+def write_safetensors(state: dict, path: str | os.PathLike, metadata: dict[str, str], half: bool = False) -> Path:
+    """Write tensors (on the CPU; floating point as fp16 with ``half``) as safetensors with string ``metadata``,
+    to a temporary name renamed when complete; readable by all, as a model is meant to be shared."""
     from safetensors.torch import save_file
 
-    from .atomic import atomic_path, write_text_atomic
+    from .atomic import atomic_path
 
     path = Path(path)
-    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    state = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
     if half:
         state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
     with atomic_path(path) as tmp:
-        save_file(state, str(tmp), metadata={"wsiseg_card": card.to_json()})
-        os.chmod(tmp, 0o644)  # safetensors writes 0600; a model is meant to be shared
+        save_file(state, str(tmp), metadata=metadata)
+        os.chmod(tmp, 0o644)  # safetensors writes 0600
+    return path
+
+
+def save_model(model: nn.Module, card: ModelCard, path: str | os.PathLike, half: bool = False) -> Path:
+    """Write weights as safetensors with the card in its metadata, plus ``<name>.json`` beside it."""
+    from .atomic import write_text_atomic
+
+    path = write_safetensors(model.state_dict(), path, {"wsiseg_card": card.to_json()}, half=half)
     write_text_atomic(path.with_suffix(".json"), card.to_json())
     return path
 

@@ -29,7 +29,7 @@ from .augment import random_crop
 from .card import ModelCard, ModelConfig, default_classes
 from .datasets import Sample, load_dataset
 from .evaluation import evaluate_predictor
-from .model import TIMM_BACKBONES, NucleusRoIHeads, build_model, save_model
+from .model import TIMM_BACKBONES, NucleusRoIHeads, build_model, save_model, write_safetensors
 
 if TYPE_CHECKING:
     from .inference import DeviceConfig
@@ -443,15 +443,19 @@ def save_checkpoint(path: Path, model: torch.nn.Module, opt: torch.optim.Optimiz
                     "seconds": float(seconds)}, tmp)
 
 
-def load_checkpoint(path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer) -> tuple[int, float]:
-    """Restore a checkpoint of ``save_checkpoint`` (never unpickling objects); returns its step and the
-    training seconds spent up to it."""
+def _read_checkpoint(path: Path) -> tuple[dict, int]:
+    """A ``save_checkpoint`` file's contents (never unpickling objects) and its step."""
     try:
         state = torch.load(path, weights_only=True, map_location="cpu")
-        step = int(state["step"])
+        return state, int(state["step"])
     except Exception as exc:  # torch raises many kinds for a damaged file
         raise ValueError(f"{path}: training checkpoint is damaged or not a wsiseg checkpoint ({type(exc).__name__}: "
                          f"{exc}); move it away to train from the start (or from 'init')") from None
+
+
+def load_checkpoint(path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer) -> tuple[int, float]:
+    """Restore a checkpoint of ``save_checkpoint``; returns its step and the training seconds spent up to it."""
+    state, step = _read_checkpoint(path)
     try:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
@@ -472,27 +476,17 @@ def carry_run(run: str | os.PathLike, dest: str | os.PathLike) -> Path:
     started afresh."""
     import shutil
 
-    from safetensors.torch import save_file
-
-    from .atomic import atomic_path
-
     run, dest = Path(run), Path(dest)
     ckpt = run / "last.pt"
     if not ckpt.exists():
         raise FileNotFoundError(f"{run}: no last.pt to carry (has this run trained a step?)")
-    try:
-        state = torch.load(ckpt, weights_only=True, map_location="cpu")
-        step, seconds = int(state["step"]), float(state.get("seconds", 0.0))
-        weights = {k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in state["model"].items()}
-    except Exception as exc:  # torch raises many kinds for a damaged file
-        raise ValueError(f"{ckpt}: training checkpoint is damaged or not a wsiseg checkpoint ({exc})") from None
+    state, step = _read_checkpoint(ckpt)
     dest.mkdir(parents=True, exist_ok=True)
     for name in CARRIED_FILES:
         if (run / name).exists() and (run / name).resolve() != (dest / name).resolve():
             shutil.copyfile(run / name, dest / name)
-    with atomic_path(dest / CARRIED_WEIGHTS) as tmp:
-        save_file(weights, str(tmp), metadata={"step": str(step), "seconds": repr(seconds)})
-        os.chmod(tmp, 0o644)
+    write_safetensors(state["model"], dest / CARRIED_WEIGHTS,
+                      {"step": str(step), "seconds": repr(float(state.get("seconds", 0.0)))}, half=True)
     if (dest / "loss.csv").exists():
         _truncate_log(dest / "loss.csv", step)  # rows past the checkpoint would be trained again
     return dest / CARRIED_WEIGHTS
@@ -778,12 +772,12 @@ def train(cfg: TrainConfig, log=print) -> dict:
     step, best, seconds_before = 0, {"pq": -1.0}, 0.0
     if ckpt.exists():
         step, seconds_before = load_checkpoint(ckpt, model, opt)
-        best = json.loads((out / "best.json").read_text()) if (out / "best.json").exists() else best
         log(f"resumed from {ckpt} at step {step}")
     elif carried.exists():
         step, seconds_before = load_carried(carried, model)
-        best = json.loads((out / "best.json").read_text()) if (out / "best.json").exists() else best
         log(f"went on from {carried} at step {step} (carried weights: AdamW's moments start afresh)")
+    if resuming and (out / "best.json").exists():
+        best = json.loads((out / "best.json").read_text())
     rng = np.random.default_rng(cfg.seed + step)
     logf, logw = _open_loss_log(out / "loss.csv", step)
     t0 = time.time()
