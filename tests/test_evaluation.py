@@ -193,5 +193,7 @@ def test_evaluate_scores_exactly_what_segment_writes_on_an_image_that_needs_resa
     seg = segment_image(img, mpp, pred)
     assert seg.plan.scale > 1.9 and seg.labels.shape == written.shape
     assert seg.labels.max() > 10 and _same_partition(seg.labels, written)
-    # the smallest nucleus is measured at the resolution the model sees: 79 px at 0.2527 µm/px (read as is)
-    assert segment_image(full[:64, :64], 0.2527, pred).min_area == min_area_px(5.0, 0.2527) == 79
+    # the smallest nucleus is measured at the resolution the model sees: 79 px for 5 µm² at 0.2527 µm/px (read as
+    # is), not the 80 px it is at the card's 0.25
+    assert segment_image(full[:64, :64], 0.2527, pred, 5.0).min_area == min_area_px(5.0, 0.2527) == 79
+    assert segment_image(full[:64, :64], 0.2527, pred).min_area == min_area_px(pred.card.min_area_um2, 0.2527)

@@ -224,6 +224,19 @@ def test_resolve_overlaps_gives_pixels_to_higher_score():
     assert by_score[1][1] == 100 and by_score[0][1] == 50
 
 
+def test_resolve_overlaps_drops_a_detection_left_with_less_than_half_of_its_mask():
+    # a lower-scoring detection mostly inside a higher-scoring one is the same nucleus found twice: its
+    # leftover sliver is not a nucleus of its own; one that keeps half of its mask or more stays
+    big, small = np.ones((10, 10), bool), np.ones((10, 4), bool)
+    for x0, kept in ((8, 2 / 4), (9, 3 / 4), (7, 1 / 4)):
+        det = TileDetections(np.array([[0, 0, 10, 10], [x0, 0, x0 + 4, 10]], np.int32),
+                             np.array([0.9, 0.8], np.float32), np.array([0, 0], np.int32), [big, small.copy()])
+        out = resolve_overlaps(det)
+        assert len(out) == (2 if kept >= 0.5 else 1), x0
+        assert int(out.masks[0].sum()) == 100 and out.scores[0] == np.float32(0.9)
+    assert len(resolve_overlaps(det, min_kept=0.0)) == 2  # the rule can be turned off
+
+
 def test_fill_holes_matches_scipy():
     from scipy.ndimage import binary_fill_holes
 

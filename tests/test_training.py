@@ -574,7 +574,8 @@ def test_train_on_several_datasets_with_their_splits(tmp_path, monkeypatch):
                       model=dict(backbone="resnet18", width=8, fpn_channels=32, box_head_dim=64,
                                  mask_head_channels=16, detections_per_tile=50),
                       tile_size=128, overlap=32, steps=4, batch_size=4, val_every=4, warmup_steps=1,
-                      out=str(tmp_path / "run"), threads=1, score_thresholds=[0.2, 0.5])
+                      out=str(tmp_path / "run"), threads=1, score_thresholds=[0.2, 0.5],
+                      min_areas_um2=[1.0, 4.0])
     train(cfg, log=lambda *_: None)
     names = [n for n, _ in drawn]
     assert "t_2" not in names and 6 <= sum(n.startswith("p") for n in names) <= 16  # 3/4 of the crops
@@ -591,6 +592,10 @@ def test_train_on_several_datasets_with_their_splits(tmp_path, monkeypatch):
     by_t = val[-1]["pq_by_score_threshold"]
     assert set(by_t) == {"0.2", "0.5"} and val[-1]["pq"] == max(by_t.values())
     assert card.score_threshold == val[-1]["score_threshold"] and by_t[str(card.score_threshold)] == val[-1]["pq"]
+    # ... and with each smallest nucleus kept: the pair it scored best at
+    by_a = val[-1]["pq_by_min_area_um2"]
+    assert set(by_a) == {"1", "4"} and val[-1]["pq"] == max(by_a.values())
+    assert card.min_area_um2 == val[-1]["min_area_um2"] and by_a[f"{card.min_area_um2:g}"] == val[-1]["pq"]
     assert card.training["datasets"]["plain"]["share"] == 0.75
     # each class says which data taught it: only the dataset with class labels, with its training nuclei
     n_epi = sum(c == 1 for smp in tr.training_pools(cfg)[0][0].train for c in smp.classes.values())

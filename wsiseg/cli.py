@@ -46,6 +46,7 @@ BATCH = _number(int, 1, 1024)
 WORKERS = _number(int, 1, 256)
 PROB = _number(float, 0, 1)
 CELL_UM = _number(float, 1, 100_000)
+AREA = _number(float, 0, 1000)
 
 
 def _add_slide_args(p: argparse.ArgumentParser) -> None:
@@ -269,6 +270,20 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tune(args: argparse.Namespace) -> int:
+    from .training import TrainConfig, tune_model
+
+    model = _model(args.model)
+    if Path(args.out).resolve() == Path(model).resolve():
+        raise ValueError(f"{args.out}: is the model being tuned; write the tuned model to a new file")
+    m = tune_model(model, TrainConfig.from_yaml(args.config), args.out, args.score_thresholds, args.min_areas,
+                   device=args.device)
+    print(json.dumps(_finite(m), indent=2))
+    print(f"tuned model: {args.out} (score threshold {m['score_threshold']:g}, smallest nucleus "
+          f"{m['min_area_um2']:g} µm²: mean validation PQ {m['pq']:.4f})")
+    return 0
+
+
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from .calibration import calibrate_model
     from .training import TrainConfig, training_pools
@@ -368,7 +383,7 @@ def _add_segment(sub) -> None:
                    help="a Dask scheduler: its workers run the model over this slide's parts (the slide and the "
                         "model file must be at the same paths there); merging and writing stay here")
     p.add_argument("--density-cell-um", type=CELL_UM, default=100.0, help="density map cell size in µm")
-    p.add_argument("--min-area-um2", type=_number(float, 0, 1000), default=None,
+    p.add_argument("--min-area-um2", type=AREA, default=None,
                    help="drop objects smaller than this, in µm² (default: the model card's)")
     p.set_defaults(func=cmd_segment)
 
@@ -431,6 +446,20 @@ def _add_calibrate(sub) -> None:
     p.set_defaults(func=cmd_calibrate)
 
 
+def _add_tune(sub) -> None:
+    p = sub.add_parser("tune", help="choose a model's score threshold and smallest nucleus on the validation "
+                                    "images of a training config (best mean PQ; written to the card)")
+    p.add_argument("--model", default=None, help="model file (default: the bundled model)")
+    p.add_argument("--config", required=True, help="training config whose validation images are used")
+    p.add_argument("--out", required=True, help="the tuned model file to write")
+    p.add_argument("--score-thresholds", type=PROB, nargs="+", default=None,
+                   help="score thresholds to try (default: the config's score_thresholds)")
+    p.add_argument("--min-areas", type=AREA, nargs="+", default=None, metavar="UM2",
+                   help="smallest nuclei to keep, in µm², to try (default: the config's min_areas_um2)")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
+    p.set_defaults(func=cmd_tune)
+
+
 def _add_stats(sub) -> None:
     p = sub.add_parser("stats", help="slide statistics and report of a segment output folder")
     p.add_argument("outdir", help="folder written by wsiseg segment")
@@ -442,7 +471,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="wsiseg", description="Nucleus segmentation for H&E whole-slide images")
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_info, _add_segment, _add_batch, _add_train, _add_evaluate, _add_calibrate, _add_stats):
+    for add in (_add_info, _add_segment, _add_batch, _add_train, _add_evaluate, _add_calibrate, _add_tune, _add_stats):
         add(sub)
     return parser
 

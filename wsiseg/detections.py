@@ -110,8 +110,10 @@ def fill_holes(mask: np.ndarray) -> np.ndarray:
     return outside[1:-1, 1:-1] != 2
 
 
-def resolve_overlaps(det: TileDetections, min_area: int = 4) -> TileDetections:
-    """Give every pixel to the highest-scoring nucleus that claims it; keep each nucleus's largest part, holes filled."""
+def resolve_overlaps(det: TileDetections, min_area: int = 4, min_kept: float = 0.5) -> TileDetections:
+    """Give every pixel to the highest-scoring nucleus that claims it; keep each nucleus's largest part, holes
+    filled. A detection left with less than ``min_kept`` of its own mask by higher-scoring ones is dropped: it
+    is a nucleus found twice, or a sliver beside a neighbour, not a nucleus of its own."""
     import cv2
 
     if len(det) == 0:
@@ -123,16 +125,17 @@ def resolve_overlaps(det: TileDetections, min_area: int = 4) -> TileDetections:
     keep, boxes, masks = [], [], []
     for i in order:
         x0, y0, x1, y1 = det.boxes[i]
-        m = det.masks[i]
-        if m.size == 0:
+        own = det.masks[i]
+        if own.size == 0:
             continue
-        m = m & ~taken[y0:y1, x0:x1]
-        if m.sum() < min_area:
+        least = max(min_area, min_kept * int(own.sum()))
+        m = own & ~taken[y0:y1, x0:x1]
+        if m.sum() < least:
             continue
         n, cc, stats, _ = cv2.connectedComponentsWithStats(m.astype(np.uint8), connectivity=8)
         if n > 2:
             m = cc == 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
-            if m.sum() < min_area:
+            if m.sum() < least:
                 continue
         ys, xs = np.nonzero(m)
         bx0, by0, bx1, by1 = xs.min(), ys.min(), xs.max() + 1, ys.max() + 1

@@ -191,6 +191,7 @@ class TrainConfig:
     scale_jitter: float = 0.1
     glass: float = 0.0  # share of crops that reach past the image's edge onto blank glass (tissue edges)
     score_thresholds: list[float] = field(default_factory=list)  # validation tries each; the best (mean PQ) ships
+    min_areas_um2: list[float] = field(default_factory=list)  # smallest nuclei kept: tried with each score threshold
     hide_class_fraction: float = 0.0
     hide_mask_fraction: float = 0.0
     partial_mode: str = "partial"  # partial | background | drop
@@ -262,6 +263,8 @@ class TrainConfig:
             raise ValueError(f"max_minutes must be above 0, got {self.max_minutes!r}")
         if not all(isinstance(t, (int, float)) and 0 <= t <= 1 for t in self.score_thresholds):
             raise ValueError(f"score_thresholds must be numbers in [0, 1], got {self.score_thresholds!r}")
+        if not all(isinstance(a, (int, float)) and 0 <= a <= 1000 for a in self.min_areas_um2):
+            raise ValueError(f"min_areas_um2 must be areas in µm² in [0, 1000], got {self.min_areas_um2!r}")
         if not all(isinstance(n, str) for n in self.val_names):
             raise ValueError(f"val_names must be image names (strings), got {self.val_names!r}")
         if self.class_names is not None and (not self.class_names or not all(
@@ -608,30 +611,78 @@ def _pick_pool(pools: list[Pool], rng: np.random.Generator) -> Pool:
 
 
 def validate_pools(model: torch.nn.Module, card: ModelCard, pools: list[Pool], class_names: list[str],
-                   device: DeviceConfig, score_thresholds: list[float] | None = None) -> dict:
-    """Validation metrics; with several validated datasets, the mean PQ/F1/AJI over them and each one's. With
-    ``score_thresholds``, the metrics at the one of them with the best (mean) PQ, which is named in
-    ``score_threshold``, with the PQ at each in ``pq_by_score_threshold`` (the model runs once per tile)."""
+                   device: DeviceConfig, score_thresholds: list[float] | None = None,
+                   min_areas_um2: list[float] | None = None) -> dict:
+    """Validation metrics; with several validated datasets, the mean PQ/F1/AJI over them and each one's.
+
+    With several ``score_thresholds`` or ``min_areas_um2`` (smallest nucleus kept), every pair of them is tried
+    and the metrics are those of the pair with the best (mean) PQ, which is named in ``score_threshold`` and
+    ``min_area_um2``; ``pq_by_score_threshold`` (at the chosen smallest nucleus) and ``pq_by_min_area_um2`` (at
+    the chosen threshold) give the PQ of the others. The model runs once per tile."""
     from .inference import CachedPredictor, MaskRCNNPredictor
 
     thresholds = sorted(set(score_thresholds or [card.score_threshold]))
+    areas = sorted(set(min_areas_um2 or [card.min_area_um2]))
     pred = MaskRCNNPredictor(copy.deepcopy(model), card, device, score_threshold=thresholds[0])  # it folds BatchNorm
-    if len(thresholds) > 1:  # the model's output is kept only when it is read again
+    if len(thresholds) * len(areas) > 1:  # the model's output is kept only when it is read again
         pred = CachedPredictor(pred)
     results = {}
     for t in thresholds:
         pred.score_threshold = t
-        per = {p.name: evaluate_predictor(pred, p.val, class_names) for p in pools if p.val}
-        if len(per) == 1:
-            results[t] = next(iter(per.values()))
-        else:
-            results[t] = {k: float(np.mean([m[k] for m in per.values()])) for k in ("pq", "f1", "aji", "dq", "sq")}
-            results[t]["datasets"] = per
-    if len(thresholds) == 1:
-        return results[thresholds[0]]
-    best = max(thresholds, key=lambda t: results[t]["pq"])
-    return {**results[best], "score_threshold": best,
-            "pq_by_score_threshold": {str(t): results[t]["pq"] for t in thresholds}}
+        for a in areas:
+            per = {p.name: evaluate_predictor(pred, p.val, class_names, a) for p in pools if p.val}
+            if len(per) == 1:
+                results[t, a] = next(iter(per.values()))
+            else:
+                results[t, a] = {k: float(np.mean([m[k] for m in per.values()])) for k in ("pq", "f1", "aji", "dq", "sq")}
+                results[t, a]["datasets"] = per
+    if len(results) == 1:
+        return results[thresholds[0], areas[0]]
+    bt, ba = max(results, key=lambda ta: results[ta]["pq"])
+    out = {**results[bt, ba], "score_threshold": bt,
+           "pq_by_score_threshold": {str(t): results[t, ba]["pq"] for t in thresholds}}
+    if len(areas) > 1:
+        out.update(min_area_um2=ba, pq_by_min_area_um2={f"{a:g}": results[bt, a]["pq"] for a in areas})
+    return out
+
+
+def tune_model(model: str | os.PathLike, cfg: TrainConfig, out: str | os.PathLike,
+               score_thresholds: list[float] | None = None, min_areas_um2: list[float] | None = None,
+               device: str = "auto") -> dict:
+    """Write ``out``: the model (same weights) with the score threshold and smallest nucleus, of those given or
+    else the config's, that give the best mean PQ on ``cfg``'s validation images, and those metrics in its card
+    (``metrics["validation"]``; the previous ones kept as ``metrics["validation_before_tuning"]``). Returns the
+    metrics. Where the card names the images held out from the model's training, the config's validation images must
+    be among them."""
+    from .inference import select_device
+    from .model import load_model, save_model
+
+    net, card = load_model(model)
+    pools, class_names = training_pools(cfg)
+    if class_names != card.class_names:
+        raise ValueError(f"{model}: its classes {card.class_names} are not the config's {class_names}")
+    val_names = [n for p in pools for n in p.split["val"]]
+    if not val_names:
+        raise ValueError("the config holds out no validation images to tune on")
+    held_out = card.metrics.get("val_images")
+    unseen = sorted(set(val_names) - set(held_out)) if held_out is not None else []
+    if unseen:
+        raise ValueError(f"{model}: its card does not list {unseen[:5]} among the images held out from its "
+                         "training; tuning on images it may have been trained on would overstate it")
+    thresholds = score_thresholds or cfg.score_thresholds or [card.score_threshold]
+    areas = min_areas_um2 or cfg.min_areas_um2 or [card.min_area_um2]
+    metrics = validate_pools(net, card, pools, class_names, select_device(device), thresholds, areas)
+    card.score_threshold = metrics.get("score_threshold", thresholds[0])
+    card.min_area_um2 = metrics.get("min_area_um2", areas[0])
+    before = card.metrics.get("validation")
+    tuned = {**metrics, "score_threshold": card.score_threshold, "min_area_um2": card.min_area_um2}
+    if before is not None and "step" in before:  # the weights are still those of that training step
+        tuned = {"step": before["step"], **tuned}
+    card.metrics = {**card.metrics, "validation": tuned, "val_images": val_names}
+    if before is not None:
+        card.metrics["validation_before_tuning"] = before
+    save_model(net, card, Path(out), half=True)
+    return card.metrics["validation"]
 
 
 def class_sources(pools: list[Pool], class_names: list[str]) -> dict[str, str]:
@@ -825,15 +876,17 @@ def train(cfg: TrainConfig, log=print) -> dict:
 def _validate_and_keep_best(model, card: ModelCard, pools: list[Pool], class_names: list[str], val_names: list[str],
                             dev: DeviceConfig, cfg: TrainConfig, step: int, best: dict, out: Path, log) -> dict:
     """Validate, log to val.jsonl, and export the model when it beats ``best`` (by mean PQ); returns the best."""
-    metrics = validate_pools(model, card, pools, class_names, dev, cfg.score_thresholds)
+    metrics = validate_pools(model, card, pools, class_names, dev, cfg.score_thresholds, cfg.min_areas_um2)
     log(f"validation at step {step}: " + ", ".join(f"{k}={v:.3f}" for k, v in metrics.items() if isinstance(v, float)))
     with open(out / "val.jsonl", "a") as f:
         f.write(json.dumps({"step": step, **metrics}) + "\n")
     if metrics["pq"] <= best["pq"]:
         return best
     best = {"step": step, **metrics}
-    if "score_threshold" in metrics:  # the exported model runs at the threshold it was validated at
+    if "score_threshold" in metrics:  # the exported model runs at the settings it was validated at
         card.score_threshold = metrics["score_threshold"]
+    if "min_area_um2" in metrics:
+        card.min_area_um2 = metrics["min_area_um2"]
     card.metrics = {"validation": best, "val_images": val_names}
     save_model(model, card, out / "best.safetensors", half=True)
     write_text_atomic(out / "best.json", json.dumps(best, indent=2))
