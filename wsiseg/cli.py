@@ -270,12 +270,18 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _model_and_new_file(args: argparse.Namespace, done: str) -> str:
+    """The model a command reads (``--model`` or the bundled one), after checking that ``--out`` is another file."""
+    model = _model(args.model)
+    if Path(args.out).resolve() == Path(model).resolve():
+        raise ValueError(f"{args.out}: is the model being {done}; write the {done} model to a new file")
+    return model
+
+
 def cmd_tune(args: argparse.Namespace) -> int:
     from .training import TrainConfig, tune_model
 
-    model = _model(args.model)
-    if Path(args.out).resolve() == Path(model).resolve():
-        raise ValueError(f"{args.out}: is the model being tuned; write the tuned model to a new file")
+    model = _model_and_new_file(args, "tuned")
     m = tune_model(model, TrainConfig.from_yaml(args.config), args.out, args.score_thresholds, args.min_areas,
                    device=args.device)
     print(json.dumps(_finite(m), indent=2))
@@ -288,9 +294,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     from .calibration import calibrate_model
     from .training import TrainConfig, training_pools
 
-    model = _model(args.model)
-    if Path(args.out).resolve() == Path(model).resolve():
-        raise ValueError(f"{args.out}: is the model being calibrated; write the calibrated model to a new file")
+    model = _model_and_new_file(args, "calibrated")
     cfg = TrainConfig.from_yaml(args.config)
     pools, _ = training_pools(cfg)
     samples = [s for p in pools for s in p.val if s.classes]
@@ -434,12 +438,17 @@ def _add_evaluate(sub) -> None:
     p.set_defaults(func=cmd_evaluate)
 
 
+def _add_model_config_out(p: argparse.ArgumentParser, config_help: str, done: str) -> None:
+    """--model, --config and --out of a command that writes a changed copy of a model."""
+    p.add_argument("--model", default=None, help="model file (default: the bundled model)")
+    p.add_argument("--config", required=True, help=config_help)
+    p.add_argument("--out", required=True, help=f"the {done} model file to write")
+
+
 def _add_calibrate(sub) -> None:
     p = sub.add_parser("calibrate", help="fit a model's class temperature on the validation images of a training "
                                          "config (expected calibration error before and after)")
-    p.add_argument("--model", default=None, help="model file (default: the bundled model)")
-    p.add_argument("--config", required=True, help="training config whose validation images (with classes) are used")
-    p.add_argument("--out", required=True, help="the calibrated model file to write")
+    _add_model_config_out(p, "training config whose validation images (with classes) are used", "calibrated")
     p.add_argument("--min-probability", type=PROB, default=None,
                    help="report a nucleus's class as uncertain below this probability (written to the card)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
@@ -449,10 +458,8 @@ def _add_calibrate(sub) -> None:
 def _add_tune(sub) -> None:
     p = sub.add_parser("tune", help="choose a model's score threshold and smallest nucleus on the validation "
                                     "images of a training config (best mean PQ; written to the card)")
-    p.add_argument("--model", default=None, help="model file (default: the bundled model)")
-    p.add_argument("--config", required=True, help="training config whose validation images are used")
-    p.add_argument("--out", required=True, help="the tuned model file to write")
-    p.add_argument("--score-thresholds", type=PROB, nargs="+", default=None,
+    _add_model_config_out(p, "training config whose validation images are used", "tuned")
+    p.add_argument("--score-thresholds", type=PROB, nargs="+", default=None, metavar="T",
                    help="score thresholds to try (default: the config's score_thresholds)")
     p.add_argument("--min-areas", type=AREA, nargs="+", default=None, metavar="UM2",
                    help="smallest nuclei to keep, in µm², to try (default: the config's min_areas_um2)")
