@@ -276,6 +276,29 @@ def test_writer_process_that_dies_is_reported_and_leaves_no_output(tmp_path):
     assert not (tmp_path / "o").exists() and not (tmp_path / ".o.partial").exists()
 
 
+def test_a_script_without_the_main_guard_gets_a_clear_error_not_a_hang(tmp_path):
+    # the writer process is spawned: it re-runs a calling script, which fails there without the
+    # `if __name__ == "__main__":` guard. The run must stop with an error naming the guard, however much the
+    # writer is told at its start (here a region of 20,000 vertices: more than a pipe holds)
+    path, _, _ = _slide(tmp_path, h=300, w=300)
+    t = np.linspace(0, 2 * np.pi, 20_000, endpoint=False)
+    ring = np.stack([150 + 140 * np.cos(t), 150 + 140 * np.sin(t)], 1).tolist()
+    region = tmp_path / "region.geojson"
+    region.write_text(json.dumps({"type": "Feature", "properties": {},
+                                  "geometry": {"type": "Polygon", "coordinates": [ring + ring[:1]]}}))
+    script = tmp_path / "no_guard.py"
+    script.write_text(
+        "from wsiseg.inference import ThresholdPredictor, threshold_card\n"
+        "from wsiseg.pipeline import SegmentOptions, segment_slide\n"
+        "pred = ThresholdPredictor(threshold_card(mpp=0.5, tile_size=128, overlap=48))\n"
+        f"segment_slide({str(path)!r}, pred, {str(tmp_path / 'o')!r}, SegmentOptions(tissue={str(region)!r}, "
+        "progress=False, stats=False))\n")
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=180)
+    assert proc.returncode != 0
+    assert "WriterProcessError" in proc.stderr and "__main__" in proc.stderr.splitlines()[-1]
+    assert not (tmp_path / "o").exists() and not (tmp_path / ".o.partial").exists()
+
+
 class _SlowPredictor(ThresholdPredictor):
     pidfile = None
 

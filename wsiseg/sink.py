@@ -384,7 +384,9 @@ def _exit_on_signal(signum, frame) -> None:
 def _end_with_parent() -> None:
     """SIGTERM this process when its parent dies, by any signal: at once on Linux (``PR_SET_PDEATHSIG``),
     within a second elsewhere (a thread watching the parent's pid); a child that ignores it ends 10 s later."""
-    parent = os.getppid()
+    # the parent as spawn knew it: had it died already, os.getppid() would name whoever adopted this process
+    known = mp.parent_process()
+    parent = known.pid if known is not None and known.pid else os.getppid()
     try:
         import ctypes
 
@@ -403,8 +405,9 @@ def _end_with_parent() -> None:
     threading.Thread(target=watch, name="wsiseg-parent-watch", daemon=True).start()
 
 
-def _serve(spec: WriterSpec, inq, outq, nuclei, nice: int) -> None:
-    """The writer process: add batches from ``inq`` until ``None``, then close and report on ``outq``."""
+def _serve(inq, outq, nuclei, nice: int) -> None:
+    """The writer process: take its pickled :class:`WriterSpec` from ``inq``, add batches from ``inq`` until
+    ``None``, then close and report on ``outq``."""
     # terminate() from the parent: unwind normally, so the unfinished outputs are removed and the
     # libraries' own resources (numcodecs' lock, say) are released rather than reported as leaked
     signal.signal(signal.SIGTERM, _exit_on_signal)
@@ -416,19 +419,24 @@ def _serve(spec: WriterSpec, inq, outq, nuclei, nice: int) -> None:
         pass
     writer = None
     parent = mp.parent_process()
+
+    def take():
+        while True:
+            try:
+                return inq.get(timeout=1.0)
+            except queue.Empty:
+                if parent is not None and not parent.is_alive():
+                    raise WriterProcessError("the segmenting process ended; outputs abandoned") from None
+
     try:
+        spec = pickle.loads(take())
         writer = SlideWriter(spec)
         if spec.stats_run is not None:
             import matplotlib.figure  # noqa: F401  imported now, while the model runs, not at the end
 
             from . import stats  # noqa: F401
         while True:
-            try:
-                item = inq.get(timeout=1.0)
-            except queue.Empty:
-                if parent is not None and not parent.is_alive():
-                    raise WriterProcessError("the segmenting process ended; outputs abandoned") from None
-                continue
+            item = take()
             if item is None:
                 break
             writer.add(*item)
@@ -463,9 +471,14 @@ class ProcessSink:
         self._nuclei = ctx.Value("q", 0, lock=False)
         self.result: dict | None = None
         self._reported = False  # the child sent its result or its error, and is ending by itself
-        self.proc = ctx.Process(target=_serve, args=(spec, self.inq, self.outq, self._nuclei, nice),
+        # the spec (tissue mask, grid, card: often more than a pipe holds) goes through the queue, not through
+        # the process's start: a child that dies while starting (a script without the __main__ guard) would
+        # leave start() blocked on a full pipe for ever, instead of being reported by _poll
+        spec_bytes = pickle.dumps(spec)
+        self.proc = ctx.Process(target=_serve, args=(self.inq, self.outq, self._nuclei, nice),
                                 name="wsiseg-writer", daemon=spec.workers <= 1)  # a daemon has no pool
         self.proc.start()
+        self.inq.put(spec_bytes)
 
     @property
     def nuclei(self) -> int:
