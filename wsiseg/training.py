@@ -634,7 +634,8 @@ def validate_pools(model: torch.nn.Module, card: ModelCard, pools: list[Pool], c
             if len(per) == 1:
                 results[t, a] = next(iter(per.values()))
             else:
-                results[t, a] = {k: float(np.mean([m[k] for m in per.values()])) for k in ("pq", "f1", "aji", "dq", "sq")}
+                results[t, a] = {k: float(np.mean([m[k] for m in per.values()]))
+                                 for k in ("pq", "f1", "aji", "dq", "sq")}
                 results[t, a]["datasets"] = per
     if len(results) == 1:
         return results[thresholds[0], areas[0]]
