@@ -679,7 +679,9 @@ def tune_model(model: str | os.PathLike, cfg: TrainConfig, out: str | os.PathLik
     tuned = {**metrics, "score_threshold": card.score_threshold, "min_area_um2": card.min_area_um2}
     if before is not None and "step" in before:  # the weights are still those of that training step
         tuned = {"step": before["step"], **tuned}
-    card.metrics = {**card.metrics, "validation": tuned, "val_images": val_names}
+    tuned["images"] = len(val_names)
+    # the images held out from training stay what the card said; without a list, those tuned on are named
+    card.metrics = {**card.metrics, "validation": tuned, "val_images": held_out if held_out is not None else val_names}
     if before is not None:
         card.metrics["validation_before_tuning"] = before
     save_model(net, card, Path(out), half=True)
