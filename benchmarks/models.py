@@ -16,7 +16,6 @@ import statistics
 import sys
 from pathlib import Path
 
-
 sys.path.insert(0, str(Path(__file__).parent))
 from common import SAMPLE_SLIDE as SLIDE  # noqa: E402
 from common import segment_sample, write_result  # noqa: E402

@@ -29,7 +29,7 @@ from .augment import random_crop
 from .card import ModelCard, ModelConfig, default_classes
 from .datasets import Sample, load_dataset
 from .evaluation import evaluate_predictor
-from .model import TIMM_BACKBONES, NucleusRoIHeads, build_model, save_model, write_safetensors
+from .model import TIMM_BACKBONES, NucleusRoIHeads, build_model, load_model, save_model, write_safetensors
 
 if TYPE_CHECKING:
     from .inference import DeviceConfig
@@ -656,7 +656,6 @@ def tune_model(model: str | os.PathLike, cfg: TrainConfig, out: str | os.PathLik
     metrics. Where the card names the images held out from the model's training, the config's validation images must
     be among them."""
     from .inference import select_device
-    from .model import load_model, save_model
 
     net, card = load_model(model)
     pools, class_names = training_pools(cfg)
