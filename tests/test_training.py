@@ -385,6 +385,63 @@ def test_lr_schedule_restart_peaks():
     assert lr_at(110, TrainConfig(lr=1.0, warmup_steps=10, steps=160, restarts=[60, 110])) == pytest.approx(1.0)
 
 
+def test_lr_schedule_holds_swa_lr_from_swa_start():
+    plain = TrainConfig(lr=1.0, warmup_steps=10, steps=60)
+    cfg = TrainConfig(lr=1.0, warmup_steps=10, steps=60, swa_start=35)
+    assert [lr_at(s, cfg) for s in (0, 20, 34)] == pytest.approx([lr_at(s, plain) for s in (0, 20, 34)])
+    assert [lr_at(s, cfg) for s in (35, 50, 60)] == pytest.approx([0.5] * 3)  # the schedule's rate at swa_start
+    cfg.swa_lr = 0.2
+    assert [lr_at(s, cfg) for s in (34, 35, 59)] == pytest.approx([lr_at(34, plain), 0.2, 0.2])
+    with pytest.raises(ValueError, match="swa_start"):
+        TrainConfig(steps=10, swa_start=10).validate()
+
+
+def test_swa_validates_and_exports_the_average_of_its_snapshots_across_resumes_and_carries(tmp_path, data_dir):
+    """With swa_start the exported model is the mean of the weights at every swa_every-th step after it, and the
+    average survives a resume from last.pt and a carry to another machine."""
+    import torch
+    from safetensors.torch import load_file
+
+    from wsiseg.training import carry_run
+
+    snaps = []
+    real = torch.optim.swa_utils.AveragedModel.update_parameters
+
+    def record(self, model):
+        snaps.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+        return real(self, model)
+
+    cfg = TrainConfig(name="t", data=str(data_dir / "consep-train"), val_names=["train_1_000"],
+                      model=dict(backbone="resnet18", width=8, fpn_channels=32, box_head_dim=64,
+                                 mask_head_channels=16, detections_per_tile=50),
+                      tile_size=128, overlap=32, steps=5, batch_size=1, val_every=5, warmup_steps=1,
+                      swa_start=1, swa_every=2, out=str(tmp_path / "run"), threads=1)
+    key = "roi_heads.box_head.fc6.weight"
+
+    def mean(ss):
+        return torch.stack([s[key].float() for s in ss]).mean(0)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch.optim.swa_utils.AveragedModel, "update_parameters", record)
+        train(cfg, log=lambda *_: None)
+        assert len(snaps) == 2  # steps 3 and 5
+        assert not torch.equal(snaps[0][key], snaps[1][key])
+        best = load_file(tmp_path / "run" / "best.safetensors")
+        torch.testing.assert_close(best[key].float(), mean(snaps), atol=1e-3, rtol=1e-3)  # fp16 export
+        assert not torch.allclose(best[key].float(), snaps[1][key].float(), atol=1e-3, rtol=1e-3)
+        cfg.steps = cfg.val_every = 7  # resume from last.pt: the average goes on
+        train(cfg, log=lambda *_: None)
+        swa = torch.load(tmp_path / "run" / "last.pt", weights_only=True)["swa"]
+        assert int(swa["n_averaged"]) == 3
+        torch.testing.assert_close(swa["module." + key], mean(snaps))
+        carry_run(tmp_path / "run", tmp_path / "carried")  # on another machine
+        cfg.out, cfg.steps, cfg.val_every = str(tmp_path / "carried"), 9, 9
+        train(cfg, log=lambda *_: None)
+        swa = torch.load(tmp_path / "carried" / "last.pt", weights_only=True)["swa"]
+        assert int(swa["n_averaged"]) == 4
+        torch.testing.assert_close(swa["module." + key], mean(snaps), atol=1e-3, rtol=1e-3)
+
+
 def test_init_weights_copies_a_saved_model_and_renews_heads_for_new_classes(tmp_path):
     from dataclasses import replace
 

@@ -15,7 +15,7 @@ import math
 import os
 import random
 import time
-from dataclasses import MISSING, asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -175,6 +175,9 @@ class TrainConfig:
     warmup_steps: int = 200
     restarts: list[int] = field(default_factory=list)  # steps where the cosine schedule restarts at lr (SGDR)
     restart_peaks: list[float] = field(default_factory=list)  # peak of each restarted cycle, as a fraction of lr (default 1)
+    swa_start: int | None = None  # from this step, stochastic weight averaging: the learning rate is held at swa_lr
+    swa_every: int = 50  # ... the weights every swa_every steps join an equal-weight average, which is what
+    swa_lr: float | None = None  # ... validation scores and the run exports (swa_lr default: the schedule's at swa_start)
     init: str | None = None  # start from a saved model's weights ("default": the bundled model), i.e. fine-tune
     clip_grad: float = 5.0
     val_every: int = 250
@@ -235,9 +238,10 @@ class TrainConfig:
         for f in fields(self):
             v = getattr(self, f.name)
             default = f.default if f.default is not MISSING else f.default_factory()
-            if v is None or default is None and f.name not in ("crop_size", "threads", "max_minutes"):
+            if v is None or default is None and f.name not in ("crop_size", "threads", "max_minutes", "swa_start",
+                                                               "swa_lr"):
                 continue
-            kind = type(default) if default is not None else (float if f.name == "max_minutes" else int)
+            kind = type(default) if default is not None else (float if f.name in ("max_minutes", "swa_lr") else int)
             ok = (isinstance(v, bool) if kind is bool else
                   isinstance(v, int) and not isinstance(v, bool) if kind is int else
                   isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) if kind is float else
@@ -245,7 +249,7 @@ class TrainConfig:
             if not ok:
                 raise ValueError(f"{f.name} must be {kind.__name__}, got {v!r}")
         positive = {"steps": 10_000_000, "batch_size": 1024, "val_every": 10_000_000, "tile_size": 8192,
-                    "crop_size": 8192, "threads": 1024}
+                    "crop_size": 8192, "threads": 1024, "swa_every": 10_000_000}
         for name, hi in positive.items():
             v = getattr(self, name)
             if v is not None and not 1 <= v <= hi:
@@ -259,6 +263,10 @@ class TrainConfig:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)!r}")
         if not 0 <= self.overlap < self.tile_size:
             raise ValueError(f"overlap must be in [0, tile_size), got {self.overlap!r}")
+        if self.swa_start is not None and not 0 <= self.swa_start < self.steps:
+            raise ValueError(f"swa_start must be a step in [0, steps), got {self.swa_start!r}")
+        if self.swa_lr is not None and not self.swa_lr > 0:
+            raise ValueError(f"swa_lr must be above 0, got {self.swa_lr!r}")
         if self.max_minutes is not None and not self.max_minutes > 0:
             raise ValueError(f"max_minutes must be above 0, got {self.max_minutes!r}")
         if not all(isinstance(t, (int, float)) and 0 <= t <= 1 for t in self.score_thresholds):
@@ -381,8 +389,11 @@ def _to_torch(t: dict) -> dict:
 def lr_at(step: int, cfg: TrainConfig) -> float:
     """Linear warm-up, then cosine decay to zero at each of ``restarts`` and at ``steps``.
 
-    The cycle after the i-th restart peaks at ``lr * restart_peaks[i]`` (``lr`` where not given).
+    The cycle after the i-th restart peaks at ``lr * restart_peaks[i]`` (``lr`` where not given). From
+    ``swa_start`` on the rate stays at ``swa_lr`` (where not given, the schedule's rate at ``swa_start``).
     """
+    if cfg.swa_start is not None and step >= cfg.swa_start:
+        return cfg.swa_lr if cfg.swa_lr is not None else lr_at(cfg.swa_start, replace(cfg, swa_start=None))
     if step < cfg.warmup_steps:
         return cfg.lr * (0.05 + 0.95 * step / max(1, cfg.warmup_steps))
     restarts = sorted(r for r in cfg.restarts if cfg.warmup_steps < r < cfg.steps)
@@ -437,13 +448,16 @@ def extra_training_data(cfg: TrainConfig, class_names: list[str]) -> list[Sample
 
 
 def save_checkpoint(path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, step: int,
-                    seconds: float = 0.0) -> None:
-    """Weights, optimizer state and step, written to a temporary name and renamed (a kill leaves the old one)."""
+                    seconds: float = 0.0, swa: torch.optim.swa_utils.AveragedModel | None = None) -> None:
+    """Weights, optimizer state, step and the weight average (when averaging), written to a temporary name and
+    renamed (a kill leaves the old one)."""
     from .atomic import atomic_path
 
+    state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step, "seconds": float(seconds)}
+    if swa is not None:
+        state["swa"] = swa.state_dict()
     with atomic_path(path) as tmp:
-        torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
-                    "seconds": float(seconds)}, tmp)
+        torch.save(state, tmp)
 
 
 def _read_checkpoint(path: Path) -> tuple[dict, int]:
@@ -456,12 +470,16 @@ def _read_checkpoint(path: Path) -> tuple[dict, int]:
                          f"{exc}); move it away to train from the start (or from 'init')") from None
 
 
-def load_checkpoint(path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer) -> tuple[int, float]:
-    """Restore a checkpoint of ``save_checkpoint``; returns its step and the training seconds spent up to it."""
+def load_checkpoint(path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer,
+                    swa: torch.optim.swa_utils.AveragedModel | None = None) -> tuple[int, float]:
+    """Restore a checkpoint of ``save_checkpoint`` (and its weight average into ``swa``, where it has one);
+    returns its step and the training seconds spent up to it."""
     state, step = _read_checkpoint(path)
     try:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
+        if swa is not None and "swa" in state:
+            swa.load_state_dict(state["swa"])
     except (RuntimeError, ValueError, KeyError) as exc:
         raise ValueError(f"{path}: checkpoint does not fit the configured network (the 'model' settings changed "
                          f"since it was written?): {str(exc).splitlines()[0]}") from None
@@ -469,6 +487,7 @@ def load_checkpoint(path: Path, model: torch.nn.Module, opt: torch.optim.Optimiz
 
 
 CARRIED_WEIGHTS = "carried.safetensors"
+SWA_PREFIX = "swa."  # the carried weight average's tensors
 CARRIED_FILES = ("best.safetensors", "best.json", "val.jsonl", "loss.csv", "split.json", "pretrained.json")
 
 
@@ -488,15 +507,20 @@ def carry_run(run: str | os.PathLike, dest: str | os.PathLike) -> Path:
     for name in CARRIED_FILES:
         if (run / name).exists() and (run / name).resolve() != (dest / name).resolve():
             shutil.copyfile(run / name, dest / name)
-    write_safetensors(state["model"], dest / CARRIED_WEIGHTS,
+    weights = dict(state["model"])
+    if "swa" in state:  # the weight average goes on too (fp16, like the weights)
+        weights.update({SWA_PREFIX + k: v for k, v in state["swa"].items()})
+    write_safetensors(weights, dest / CARRIED_WEIGHTS,
                       {"step": str(step), "seconds": repr(float(state.get("seconds", 0.0)))}, half=True)
     if (dest / "loss.csv").exists():
         _truncate_log(dest / "loss.csv", step)  # rows past the checkpoint would be trained again
     return dest / CARRIED_WEIGHTS
 
 
-def load_carried(path: Path, model: torch.nn.Module) -> tuple[int, float]:
-    """Load the weights :func:`carry_run` wrote into ``model``; returns their step and training seconds."""
+def load_carried(path: Path, model: torch.nn.Module,
+                 swa: torch.optim.swa_utils.AveragedModel | None = None) -> tuple[int, float]:
+    """Load the weights :func:`carry_run` wrote into ``model`` (and their weight average into ``swa``, where
+    they have one); returns their step and training seconds."""
     from safetensors import safe_open
 
     try:
@@ -507,9 +531,14 @@ def load_carried(path: Path, model: torch.nn.Module) -> tuple[int, float]:
     except Exception as exc:  # safetensors raises several kinds for a damaged file
         raise ValueError(f"{path}: not weights carried from a training run ({type(exc).__name__}: {exc}); "
                          f"move it away to train from the start") from None
+    averaged = {k[len(SWA_PREFIX):]: v for k, v in state.items() if k.startswith(SWA_PREFIX)}
+    state = {k: v for k, v in state.items() if not k.startswith(SWA_PREFIX)}
     try:
         model.load_state_dict(state)
-    except RuntimeError as exc:
+        if swa is not None and averaged:
+            own = swa.state_dict()  # n_averaged stays an integer
+            swa.load_state_dict({k: v.to(own[k].dtype) for k, v in averaged.items()})
+    except (RuntimeError, KeyError) as exc:
         raise ValueError(f"{path}: the carried weights do not fit the configured network (the 'model' settings "
                          f"changed?): {str(exc).splitlines()[0]}") from None
     return step, seconds
@@ -779,7 +808,9 @@ def _sample_batch(pools: list[Pool], rng: np.random.Generator, cfg: TrainConfig,
 
 
 def train(cfg: TrainConfig, log=print) -> dict:
-    """Train, validating every ``val_every`` steps; exports the best model (by PQ) with its card.
+    """Train, validating every ``val_every`` steps; exports the best model (by PQ) with its card. With
+    ``swa_start``, what is validated and exported is the average of the weights taken every ``swa_every`` steps
+    after it (stochastic weight averaging) once there is one.
 
     Resumes from ``<out>/last.pt`` when present (weights-only checkpoint).
     """
@@ -823,11 +854,12 @@ def train(cfg: TrainConfig, log=print) -> dict:
     params = [p for p in model.parameters() if p.requires_grad]
     opt = _optimizer(model, cfg)
     step, best, seconds_before = 0, {"pq": -1.0}, 0.0
+    swa = torch.optim.swa_utils.AveragedModel(model) if cfg.swa_start is not None else None
     if ckpt.exists():
-        step, seconds_before = load_checkpoint(ckpt, model, opt)
+        step, seconds_before = load_checkpoint(ckpt, model, opt, swa)
         log(f"resumed from {ckpt} at step {step}")
     elif carried.exists():
-        step, seconds_before = load_carried(carried, model)
+        step, seconds_before = load_carried(carried, model, swa)
         log(f"went on from {carried} at step {step} (carried weights: AdamW's moments start afresh)")
     if resuming and (out / "best.json").exists():
         best = json.loads((out / "best.json").read_text())
@@ -853,6 +885,8 @@ def train(cfg: TrainConfig, log=print) -> dict:
             torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad)
             opt.step()
             step += 1
+            if swa is not None and step > cfg.swa_start and (step - cfg.swa_start) % cfg.swa_every == 0:
+                swa.update_parameters(model)
             logw.writerow([step, f"{lr_at(step, cfg):.6g}", f"{loss.item():.5f}",
                            *[f"{losses[k].item():.5f}" for k in LOSS_COLUMNS], f"{time.time() - t0:.1f}"])
             if step % 20 == 0:
@@ -862,16 +896,20 @@ def train(cfg: TrainConfig, log=print) -> dict:
             out_of_time = cfg.max_minutes is not None and time.time() - t0 > cfg.max_minutes * 60
             if step % cfg.val_every == 0 or step == cfg.steps or out_of_time:
                 seconds = seconds_before + time.time() - t0
-                save_checkpoint(ckpt, model, opt, step, seconds)
+                save_checkpoint(ckpt, model, opt, step, seconds, swa)
                 card.training.update(steps_done=step, cpu_hours=round(seconds * torch.get_num_threads() / 3600, 2),
                                      wall_hours=round(seconds / 3600, 2))
+                averaged = swa is not None and int(swa.n_averaged) > 0
+                if averaged:
+                    card.training["swa_snapshots"] = int(swa.n_averaged)
                 if val_names:
-                    best = _validate_and_keep_best(model, card, pools, class_names, val_names, val_dev, cfg, step,
-                                                   best, out, log)
+                    best = _validate_and_keep_best(swa.module if averaged else model, card, pools, class_names,
+                                                   val_names, val_dev, cfg, step, best, out, log)
     finally:
         logf.close()
     if not val_names:
-        save_model(model, card, out / "best.safetensors", half=True)
+        save_model(swa.module if swa is not None and int(swa.n_averaged) > 0 else model, card,
+                   out / "best.safetensors", half=True)
     return best
 
 
