@@ -261,6 +261,24 @@ def test_train_resume_and_export(tmp_path, data_dir):
     assert float(rows[-1].split(",")[2]) != 9.9
 
 
+def test_a_single_validated_setting_is_the_one_the_model_ships_with(tmp_path, data_dir):
+    """A config naming one score threshold and one smallest nucleus validates at them, and the exported card
+    runs at them (not at the card's defaults)."""
+    from wsiseg.card import ModelCard, load_card
+
+    cfg = TrainConfig(name="t", data=str(data_dir / "consep-train"), val_names=["train_1_000"],
+                      model=dict(backbone="resnet18", width=8, fpn_channels=32, box_head_dim=64,
+                                 mask_head_channels=16, detections_per_tile=50),
+                      tile_size=128, overlap=32, steps=1, batch_size=1, val_every=1, warmup_steps=1,
+                      score_thresholds=[0.3], min_areas_um2=[7.5], out=str(tmp_path / "run"), threads=1)
+    defaults = ModelCard(name="x", classes=[], mpp=0.25, tile_size=128, overlap=32)
+    assert (defaults.score_threshold, defaults.min_area_um2) != (0.3, 7.5)
+    train(cfg, log=lambda *_: None)
+    val = json.loads((tmp_path / "run" / "val.jsonl").read_text().splitlines()[-1])
+    card = load_card(tmp_path / "run" / "best.safetensors")
+    assert (val["score_threshold"], val["min_area_um2"]) == (card.score_threshold, card.min_area_um2) == (0.3, 7.5)
+
+
 def test_a_run_carried_to_another_machine_goes_on_at_its_step(tmp_path, data_dir):
     """``carry_run`` keeps what a later machine needs without optimizer state; training with the carried folder
     as its run folder continues at the carried step from those weights."""

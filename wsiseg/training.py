@@ -645,8 +645,8 @@ def validate_pools(model: torch.nn.Module, card: ModelCard, pools: list[Pool], c
     """Validation metrics; with several validated datasets, the mean PQ/F1/AJI over them and each one's.
 
     With several ``score_thresholds`` or ``min_areas_um2`` (smallest nucleus kept), every pair of them is tried
-    and the metrics are those of the pair with the best (mean) PQ, which is named in ``score_threshold`` and
-    ``min_area_um2``; ``pq_by_score_threshold`` (at the chosen smallest nucleus) and ``pq_by_min_area_um2`` (at
+    and the metrics are those of the pair with the best (mean) PQ; ``score_threshold`` and ``min_area_um2`` always
+    name the pair the metrics were measured at; ``pq_by_score_threshold`` (at the chosen smallest nucleus) and ``pq_by_min_area_um2`` (at
     the chosen threshold) give the PQ of the others. The model runs once per tile."""
     from .inference import CachedPredictor, MaskRCNNPredictor
 
@@ -666,13 +666,12 @@ def validate_pools(model: torch.nn.Module, card: ModelCard, pools: list[Pool], c
                 results[t, a] = {k: float(np.mean([m[k] for m in per.values()]))
                                  for k in ("pq", "f1", "aji", "dq", "sq")}
                 results[t, a]["datasets"] = per
-    if len(results) == 1:
-        return results[thresholds[0], areas[0]]
     bt, ba = max(results, key=lambda ta: results[ta]["pq"])
-    out = {**results[bt, ba], "score_threshold": bt,
-           "pq_by_score_threshold": {str(t): results[t, ba]["pq"] for t in thresholds}}
+    out = {**results[bt, ba], "score_threshold": bt, "min_area_um2": ba}
+    if len(thresholds) > 1 or len(areas) > 1:
+        out["pq_by_score_threshold"] = {str(t): results[t, ba]["pq"] for t in thresholds}
     if len(areas) > 1:
-        out.update(min_area_um2=ba, pq_by_min_area_um2={f"{a:g}": results[bt, a]["pq"] for a in areas})
+        out["pq_by_min_area_um2"] = {f"{a:g}": results[bt, a]["pq"] for a in areas}
     return out
 
 
@@ -701,10 +700,9 @@ def tune_model(model: str | os.PathLike, cfg: TrainConfig, out: str | os.PathLik
     thresholds = score_thresholds or cfg.score_thresholds or [card.score_threshold]
     areas = min_areas_um2 or cfg.min_areas_um2 or [card.min_area_um2]
     metrics = validate_pools(net, card, pools, class_names, select_device(device), thresholds, areas)
-    card.score_threshold = metrics.get("score_threshold", thresholds[0])
-    card.min_area_um2 = metrics.get("min_area_um2", areas[0])
+    card.score_threshold, card.min_area_um2 = metrics["score_threshold"], metrics["min_area_um2"]
     before = card.metrics.get("validation")
-    tuned = {**metrics, "score_threshold": card.score_threshold, "min_area_um2": card.min_area_um2}
+    tuned = dict(metrics)
     if before is not None and "step" in before:  # the weights are still those of that training step
         tuned = {"step": before["step"], **tuned}
     tuned["images"] = len(val_names)
@@ -923,10 +921,8 @@ def _validate_and_keep_best(model, card: ModelCard, pools: list[Pool], class_nam
     if metrics["pq"] <= best["pq"]:
         return best
     best = {"step": step, **metrics}
-    if "score_threshold" in metrics:  # the exported model runs at the settings it was validated at
-        card.score_threshold = metrics["score_threshold"]
-    if "min_area_um2" in metrics:
-        card.min_area_um2 = metrics["min_area_um2"]
+    card.score_threshold = metrics["score_threshold"]  # the exported model runs at the settings it was validated at
+    card.min_area_um2 = metrics["min_area_um2"]
     card.metrics = {"validation": best, "val_images": val_names}
     save_model(model, card, out / "best.safetensors", half=True)
     write_text_atomic(out / "best.json", json.dumps(best, indent=2))
