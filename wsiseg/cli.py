@@ -290,6 +290,18 @@ def cmd_tune(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_average(args: argparse.Namespace) -> int:
+    from .training import average_models
+
+    for m in args.models:
+        if Path(args.out).resolve() == Path(m).resolve():
+            raise ValueError(f"{args.out}: is one of the models being averaged; write the average to a new file")
+    card = average_models(args.models, args.out)
+    print(f"averaged model: {args.out} ({len(args.models)} models; settings and class temperature are "
+          f"{Path(args.models[0]).name}'s until `wsiseg calibrate` and `wsiseg tune` measure the average)")
+    return 0 if card else 1
+
+
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from .calibration import calibrate_model
     from .training import TrainConfig, training_pools
@@ -455,6 +467,13 @@ def _add_calibrate(sub) -> None:
     p.set_defaults(func=cmd_calibrate)
 
 
+def _add_average(sub) -> None:
+    p = sub.add_parser("average", help="average the weights of several runs of one network (a model soup)")
+    p.add_argument("models", nargs="+", help="model files (.safetensors) of one network, classes and mpp")
+    p.add_argument("--out", required=True, help="the averaged model file to write")
+    p.set_defaults(func=cmd_average)
+
+
 def _add_tune(sub) -> None:
     p = sub.add_parser("tune", help="choose a model's score threshold and smallest nucleus on the validation "
                                     "images of a training config (best mean PQ; written to the card)")
@@ -478,7 +497,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="wsiseg", description="Nucleus segmentation for H&E whole-slide images")
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_info, _add_segment, _add_batch, _add_train, _add_evaluate, _add_calibrate, _add_tune, _add_stats):
+    for add in (_add_info, _add_segment, _add_batch, _add_train, _add_evaluate, _add_calibrate, _add_tune, _add_average,
+                _add_stats):
         add(sub)
     return parser
 

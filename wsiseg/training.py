@@ -714,6 +714,70 @@ def tune_model(model: str | os.PathLike, cfg: TrainConfig, out: str | os.PathLik
     return card.metrics["validation"]
 
 
+AVERAGE_IGNORES = ("class_temperature", "rpn_pre_nms_top_n_train", "rpn_post_nms_top_n_train",
+                   "box_batch_size_per_image", "box_positive_fraction", "rpn_batch_size_per_image", "pretrained")
+
+
+def average_models(models: list[str | os.PathLike], out: str | os.PathLike) -> ModelCard:
+    """Write ``out``: the element-wise mean of the weights of ``models`` (a "model soup": runs of one network,
+    e.g. from one starting point), with the first model's card and settings. The card names the models averaged
+    (``training.averaged_from``), sums their CPU hours, keeps as held out only the images every one of them held
+    out, and drops the first's validation metrics, which were measured on other weights: ``wsiseg calibrate``
+    and ``wsiseg tune`` measure the average. Networks, classes, mpp or tile size that differ are an error."""
+    from dataclasses import replace as dc_replace
+
+    from safetensors.torch import load_file
+
+    if len(models) < 2:
+        raise ValueError("averaging needs at least two models")
+    cards, states = [], []
+    for path in models:
+        _, c = load_model(path)  # checks every tensor against the card's network
+        cards.append(c)
+        states.append(load_file(str(path)))
+    first = cards[0]
+
+    def network(c: ModelCard) -> ModelConfig:  # the network, without calibration and training-only settings
+        return dc_replace(c.config, **{k: getattr(first.config, k) for k in AVERAGE_IGNORES})
+
+    for path, c in zip(models[1:], cards[1:]):
+        what = ("network" if network(c) != network(first) else "classes" if c.class_names != first.class_names else
+                "mpp" if c.mpp != first.mpp else "tile size" if c.tile_size != first.tile_size else None)
+        if what:
+            raise ValueError(f"{path}: its {what} differs from {models[0]}'s; only runs of one network average")
+    avg = {}
+    for k, v in states[0].items():
+        if v.is_floating_point():
+            avg[k] = torch.stack([s[k].float() for s in states]).mean(0)
+        elif all(torch.equal(s[k], v) for s in states):
+            avg[k] = v
+        else:
+            raise ValueError(f"{models[0]}: its {k} (not a weight) differs between the models; they do not average")
+    net, card = load_model(models[0])
+    net.load_state_dict(avg)
+    held = [c.metrics.get("val_images") for c in cards]
+    card.metrics = {} if any(h is None for h in held) else {
+        "val_images": [n for n in held[0] if all(n in h for h in held[1:])]}
+    hours = [c.training.get("cpu_hours") for c in cards]
+    card.training = {**first.training, "averaged_from": [
+        {"file": Path(p).name, "name": c.name, "steps_done": c.training.get("steps_done"),
+         "cpu_hours": c.training.get("cpu_hours"), "sha256": _sha256(p)} for p, c in zip(models, cards)]}
+    if all(h is not None for h in hours):
+        card.training["cpu_hours"] = round(sum(hours), 2)
+    save_model(net, card, Path(out), half=True)
+    return card
+
+
+def _sha256(path: str | os.PathLike) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def class_sources(pools: list[Pool], class_names: list[str]) -> dict[str, str]:
     """For each class, the datasets whose training nuclei carry it, with their counts ("consep: 3,210 nuclei")."""
     counts = {p.name: np.bincount([c for s in p.train for c in s.classes.values()], minlength=len(class_names))
