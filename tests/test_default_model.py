@@ -42,6 +42,12 @@ def test_default_model_is_bundled_with_a_card():
         held_out += split["val"]
         trained_on += split["train"]
     assert card.metrics["val_images"] == held_out and not set(held_out) & set(trained_on)
+    # an average of runs (wsiseg average) names them: each is in models/, byte for byte
+    import hashlib
+
+    for run in card.training.get("averaged_from", []):
+        assert hashlib.sha256((REPO / "models" / run["file"]).read_bytes()).hexdigest() == run["sha256"], run["file"]
+        assert load_card(REPO / "models" / run["file"]).metrics["val_images"] == held_out
 
 
 def test_default_config_trains_what_is_shipped():
