@@ -646,8 +646,8 @@ def validate_pools(model: torch.nn.Module, card: ModelCard, pools: list[Pool], c
 
     With several ``score_thresholds`` or ``min_areas_um2`` (smallest nucleus kept), every pair of them is tried
     and the metrics are those of the pair with the best (mean) PQ; ``score_threshold`` and ``min_area_um2`` always
-    name the pair the metrics were measured at; ``pq_by_score_threshold`` (at the chosen smallest nucleus) and ``pq_by_min_area_um2`` (at
-    the chosen threshold) give the PQ of the others. The model runs once per tile."""
+    name the pair the metrics were measured at; ``pq_by_score_threshold`` (at the chosen smallest nucleus) and
+    ``pq_by_min_area_um2`` (at the chosen threshold) give the PQ of the others. The model runs once per tile."""
     from .inference import CachedPredictor, MaskRCNNPredictor
 
     thresholds = sorted(set(score_thresholds or [card.score_threshold]))
@@ -724,8 +724,6 @@ def average_models(models: list[str | os.PathLike], out: str | os.PathLike) -> M
     (``training.averaged_from``), sums their CPU hours, keeps as held out only the images every one of them held
     out, and drops the first's validation metrics, which were measured on other weights: ``wsiseg calibrate``
     and ``wsiseg tune`` measure the average. Networks, classes, mpp or tile size that differ are an error."""
-    from dataclasses import replace as dc_replace
-
     from safetensors.torch import load_file
 
     if len(models) < 2:
@@ -738,7 +736,7 @@ def average_models(models: list[str | os.PathLike], out: str | os.PathLike) -> M
     first = cards[0]
 
     def network(c: ModelCard) -> ModelConfig:  # the network, without calibration and training-only settings
-        return dc_replace(c.config, **{k: getattr(first.config, k) for k in AVERAGE_IGNORES})
+        return replace(c.config, **{k: getattr(first.config, k) for k in AVERAGE_IGNORES})
 
     for path, c in zip(models[1:], cards[1:]):
         what = ("network" if network(c) != network(first) else "classes" if c.class_names != first.class_names else
