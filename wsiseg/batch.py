@@ -28,6 +28,7 @@ from .atomic import (
     MARKER,
     OutputError,
     atomic_path,
+    file_sha256,
     output_lock,
     remove_owned,
     staging_path,
@@ -174,25 +175,17 @@ def _predictor(model: str, device: str, precision: str):
     return _PREDICTORS[key]
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def output_checksums(folder: Path) -> dict[str, str]:
     """sha256 of every file of a slide's output (relative paths), but its summary and marker, which hold
     timings and times."""
-    return {str(p.relative_to(folder)): _sha256(p) for p in sorted(folder.rglob("*"))
+    return {str(p.relative_to(folder)): file_sha256(p) for p in sorted(folder.rglob("*"))
             if p.is_file() and p.name not in ("summary.json", MARKER)}
 
 
 def settings_fingerprint(model: str, options: dict) -> str:
     """What a slide's result depends on: the model's bytes (or name) and every option that changes outputs."""
     ignore = {"progress", "overwrite", "workers", "prefetch", "writer", "writer_workers"}
-    model_id = _sha256(Path(model)) if Path(model).is_file() else str(model)
+    model_id = file_sha256(model) if Path(model).is_file() else str(model)
     text = json.dumps({"model": model_id, **{k: v for k, v in sorted(options.items()) if k not in ignore}},
                       sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.models.detection.roi_heads import project_masks_on_boxes
 
-from .atomic import write_text_atomic
+from .atomic import file_sha256, write_text_atomic
 from .augment import random_crop
 from .card import ModelCard, ModelConfig, default_classes
 from .datasets import Sample, load_dataset
@@ -724,15 +724,10 @@ def average_models(models: list[str | os.PathLike], out: str | os.PathLike) -> M
     (``training.averaged_from``), sums their CPU hours, keeps as held out only the images every one of them held
     out, and drops the first's validation metrics, which were measured on other weights: ``wsiseg calibrate``
     and ``wsiseg tune`` measure the average. Networks, classes, mpp or tile size that differ are an error."""
-    from safetensors.torch import load_file
-
     if len(models) < 2:
         raise ValueError("averaging needs at least two models")
-    cards, states = [], []
-    for path in models:
-        _, c = load_model(path)  # checks every tensor against the card's network
-        cards.append(c)
-        states.append(load_file(str(path)))
+    nets, cards = zip(*(load_model(path) for path in models))  # each checked against its card's network
+    states = [n.state_dict() for n in nets]
     first = cards[0]
 
     def network(c: ModelCard) -> ModelConfig:  # the network, without calibration and training-only settings
@@ -751,7 +746,7 @@ def average_models(models: list[str | os.PathLike], out: str | os.PathLike) -> M
             avg[k] = v
         else:
             raise ValueError(f"{models[0]}: its {k} (not a weight) differs between the models; they do not average")
-    net, card = load_model(models[0])
+    net, card = nets[0], first
     net.load_state_dict(avg)
     held = [c.metrics.get("val_images") for c in cards]
     card.metrics = {} if any(h is None for h in held) else {
@@ -759,21 +754,11 @@ def average_models(models: list[str | os.PathLike], out: str | os.PathLike) -> M
     hours = [c.training.get("cpu_hours") for c in cards]
     card.training = {**first.training, "averaged_from": [
         {"file": Path(p).name, "name": c.name, "steps_done": c.training.get("steps_done"),
-         "cpu_hours": c.training.get("cpu_hours"), "sha256": _sha256(p)} for p, c in zip(models, cards)]}
+         "cpu_hours": c.training.get("cpu_hours"), "sha256": file_sha256(p)} for p, c in zip(models, cards)]}
     if all(h is not None for h in hours):
         card.training["cpu_hours"] = round(sum(hours), 2)
     save_model(net, card, Path(out), half=True)
     return card
-
-
-def _sha256(path: str | os.PathLike) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def class_sources(pools: list[Pool], class_names: list[str]) -> dict[str, str]:
@@ -959,18 +944,21 @@ def train(cfg: TrainConfig, log=print) -> dict:
                 save_checkpoint(ckpt, model, opt, step, seconds, swa)
                 card.training.update(steps_done=step, cpu_hours=round(seconds * torch.get_num_threads() / 3600, 2),
                                      wall_hours=round(seconds / 3600, 2))
-                averaged = swa is not None and int(swa.n_averaged) > 0
-                if averaged:
+                if swa is not None and int(swa.n_averaged) > 0:
                     card.training["swa_snapshots"] = int(swa.n_averaged)
                 if val_names:
-                    best = _validate_and_keep_best(swa.module if averaged else model, card, pools, class_names,
-                                                   val_names, val_dev, cfg, step, best, out, log)
+                    best = _validate_and_keep_best(_exported(model, swa), card, pools, class_names, val_names,
+                                                   val_dev, cfg, step, best, out, log)
     finally:
         logf.close()
     if not val_names:
-        save_model(swa.module if swa is not None and int(swa.n_averaged) > 0 else model, card,
-                   out / "best.safetensors", half=True)
+        save_model(_exported(model, swa), card, out / "best.safetensors", half=True)
     return best
+
+
+def _exported(model: torch.nn.Module, swa: torch.optim.swa_utils.AveragedModel | None) -> torch.nn.Module:
+    """The weights a run validates and exports: the weight average once it holds a snapshot, else the model."""
+    return swa.module if swa is not None and int(swa.n_averaged) > 0 else model
 
 
 def _validate_and_keep_best(model, card: ModelCard, pools: list[Pool], class_names: list[str], val_names: list[str],
