@@ -291,3 +291,26 @@ def test_specks_below_the_minimum_area_are_dropped_and_counted():
     st = Stitcher(grid, min_area=min_area_px(0.0, 0.25))
     assert len([n for _, ns in st.add(t, det) for n in ns]) == 2 and st.dropped_small == 0
 
+
+
+def test_a_sliver_left_beside_a_nucleus_of_another_tile_is_dropped_in_any_order():
+    """Tile 0 sees nucleus A (own); tile 1 sees B, which overlaps A too little to conflict (IoU 0.2) but has most
+    of its pixels inside it: what A leaves of B is a sliver, dropped as within a tile, whatever the tile order."""
+    grid = make_grid(224, 128, 128, 32)
+    assert [t.x for t in grid.tiles] == [0, 96] and grid.tiles[0].core[2] == 112
+    a = TileDetections(np.array([[100, 40, 120, 60]], np.int32), np.array([0.9], np.float32),
+                       np.zeros(1, np.int32), [np.ones((20, 20), bool)])
+    # B: slide x 100-112, y 52-66 (tile 1's x 4-16); 96 of its 168 pixels lie inside A; its centroid is in tile
+    # 0's core, so in tile 1 it is not own and ranks below A
+    b = TileDetections(np.array([[4, 52, 16, 66]], np.int32), np.array([0.95], np.float32),
+                       np.zeros(1, np.int32), [np.ones((14, 12), bool)])
+    preds = {0: a, 1: b}
+    for order in ([0, 1], [1, 0]):
+        st = Stitcher(grid)
+        kept = [n for i in order for _, ns in st.add(grid.tiles[i], preds[i]) for n in ns]
+        kept += [n for _, ns in st.close() for n in ns]
+        assert [(n.tile, n.area) for n in kept] == [(0, 400)] and st.duplicates == 1
+    st = Stitcher(grid, min_kept=0.0)  # without the rule, B's 72 pixels outside A would be a nucleus
+    kept = [n for i in (0, 1) for _, ns in st.add(grid.tiles[i], preds[i]) for n in ns]
+    kept += [n for _, ns in st.close() for n in ns]
+    assert sorted(n.area for n in kept) == [72, 400]

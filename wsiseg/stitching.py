@@ -20,7 +20,9 @@ Definitions, for a detection ``d`` of tile ``t`` (model pixels of the slide):
 conflicts with it has a larger key. Each pixel covered by several kept
 nuclei belongs to the one with the largest key; a nucleus keeps the largest
 connected part of what remains, and is dropped if that is smaller than
-``min_area`` pixels.
+``min_area`` pixels or than ``min_kept`` of its own mask (a sliver beside a
+larger-key nucleus: the rule each tile applies within itself, see
+:func:`wsiseg.detections.resolve_overlaps`).
 
 **Properties.**
 
@@ -41,8 +43,9 @@ connected part of what remains, and is dropped if that is smaller than
    so the owner's is kept: the rule reduces to "a nucleus belongs to the tile
    whose core holds its centroid".
 5. *Nothing seen whole is lost to a seam.* A whole detection is dropped only
-   for a conflicting detection with a larger key; an own detection is never
-   dropped for one that is not own. A detection whose centroid lies in another
+   for a conflicting detection with a larger key, or when kept nuclei with
+   larger keys claim more than ``1 - min_kept`` of its pixels; an own
+   detection is never dropped for one that is not own. A detection whose centroid lies in another
    tile's core is kept when that tile has nothing conflicting with it.
 
 **Nuclei larger than the overlap.** Along each axis, neighbouring windows
@@ -169,7 +172,7 @@ class Stitcher:
     ``close``; both return the nuclei that became final, numbered 1, 2, ... in tile index order."""
 
     def __init__(self, grid: TileGrid, on_oversize: str = "error", iou: float = 0.3, min_area: int = 1,
-                 rgb_margin: int = 0):
+                 rgb_margin: int = 0, min_kept: float = 0.5):
         if on_oversize not in ("error", "drop"):
             raise ValueError("on_oversize must be 'error' or 'drop'")
         if 2 * grid.overlap > grid.tile_size:
@@ -179,11 +182,12 @@ class Stitcher:
         self.on_oversize = on_oversize
         self.iou = iou
         self.min_area = max(1, int(min_area))
+        self.min_kept = float(min_kept)  # share of its own mask a nucleus must keep beside larger-key ones
         self.rgb_margin = max(0, int(rgb_margin))  # pixels kept around each nucleus, for its cell's colour
         self.next_id = 1
         self.dropped_oversize = 0
         self.dropped_small = 0
-        self.duplicates = 0  # whole detections dropped for a conflicting one with a larger key
+        self.duplicates = 0  # whole detections dropped for a larger-key one: conflicting, or leaving a sliver
         self._pos = {(t.row, t.col): t for t in grid.tiles}
         self._order = sorted(self._pos, key=lambda rc: self._pos[rc].index)
         self._next = 0  # position in _order of the next tile to finalise
@@ -322,6 +326,9 @@ class Stitcher:
                 mask = _largest_part(mask)
                 if int(mask.sum()) < self.min_area:
                     self.dropped_small += 1
+                    continue
+                if int(mask.sum()) < self.min_kept * d.area:
+                    self.duplicates += 1
                     continue
                 ys, xs = np.nonzero(mask)
                 y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
