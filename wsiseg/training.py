@@ -668,7 +668,7 @@ def validate_pools(model: torch.nn.Module, card: ModelCard, pools: list[Pool], c
                 results[t, a]["datasets"] = per
     bt, ba = max(results, key=lambda ta: results[ta]["pq"])
     out = {**results[bt, ba], "score_threshold": bt, "min_area_um2": ba}
-    if len(thresholds) > 1 or len(areas) > 1:
+    if len(results) > 1:
         out["pq_by_score_threshold"] = {str(t): results[t, ba]["pq"] for t in thresholds}
     if len(areas) > 1:
         out["pq_by_min_area_um2"] = {f"{a:g}": results[bt, a]["pq"] for a in areas}
