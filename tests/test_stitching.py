@@ -292,7 +292,6 @@ def test_specks_below_the_minimum_area_are_dropped_and_counted():
     assert len([n for _, ns in st.add(t, det) for n in ns]) == 2 and st.dropped_small == 0
 
 
-
 def test_a_sliver_left_beside_a_nucleus_of_another_tile_is_dropped_in_any_order():
     """Tile 0 sees nucleus A (own); tile 1 sees B, which overlaps A too little to conflict (IoU 0.2) but has most
     of its pixels inside it: what A leaves of B is a sliver, dropped as within a tile, whatever the tile order."""

@@ -110,7 +110,12 @@ def fill_holes(mask: np.ndarray) -> np.ndarray:
     return outside[1:-1, 1:-1] != 2
 
 
-def resolve_overlaps(det: TileDetections, min_area: int = 4, min_kept: float = 0.5) -> TileDetections:
+MIN_KEPT = 0.5
+"""The share of its own mask a detection must keep beside higher-ranked ones not to be dropped as a sliver (within
+a tile, :func:`resolve_overlaps`; across tiles, :class:`wsiseg.stitching.Stitcher`)."""
+
+
+def resolve_overlaps(det: TileDetections, min_area: int = 4, min_kept: float = MIN_KEPT) -> TileDetections:
     """Give every pixel to the highest-scoring nucleus that claims it; keep each nucleus's largest part, holes
     filled. A detection left with less than ``min_kept`` of its own mask by higher-scoring ones is dropped: it
     is a nucleus found twice, or a sliver beside a neighbour, not a nucleus of its own."""

@@ -45,8 +45,9 @@ larger-key nucleus: the rule each tile applies within itself, see
 5. *Nothing seen whole is lost to a seam.* A whole detection is dropped only
    for a conflicting detection with a larger key, or when kept nuclei with
    larger keys claim more than ``1 - min_kept`` of its pixels; an own
-   detection is never dropped for one that is not own. A detection whose centroid lies in another
-   tile's core is kept when that tile has nothing conflicting with it.
+   detection is never dropped for one that is not own. A detection whose
+   centroid lies in another tile's core is kept when that tile has nothing
+   conflicting with it.
 
 **Nuclei larger than the overlap.** Along each axis, neighbouring windows
 share at least ``overlap`` pixels, so a nucleus spanning fewer than
@@ -69,7 +70,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .detections import TileDetections
+from .detections import MIN_KEPT, TileDetections
 from .tiling import Tile, TileGrid
 
 
@@ -172,7 +173,7 @@ class Stitcher:
     ``close``; both return the nuclei that became final, numbered 1, 2, ... in tile index order."""
 
     def __init__(self, grid: TileGrid, on_oversize: str = "error", iou: float = 0.3, min_area: int = 1,
-                 rgb_margin: int = 0, min_kept: float = 0.5):
+                 rgb_margin: int = 0, min_kept: float = MIN_KEPT):
         if on_oversize not in ("error", "drop"):
             raise ValueError("on_oversize must be 'error' or 'drop'")
         if 2 * grid.overlap > grid.tile_size:
